@@ -1,0 +1,212 @@
+"""The backbone interface: how a model family turns images and prompts into model inputs.
+
+A backbone owns the denoiser being trained, the frozen encoders, the training noise
+scheduler, the null condition the SAMPLER feeds the unconditional branch, the prediction
+target, and the reference model (adapters disabled, or a frozen copy). It knows nothing of
+losses. A new model family is one new file implementing :class:`Backbone` plus one line in
+``snpo.backbones.BACKBONES``.
+
+Conditions are dicts of tensors with the batch in the first dimension (for SD1.5
+``{"encoder_hidden_states"}``, for SDXL also ``{"text_embeds", "time_ids"}``), so selecting
+the null condition per sample is a ``torch.where`` per entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+Condition = dict[str, Tensor]
+
+#: LoRA target modules of the diffusers UNet attention blocks (the Diffusion-DPO choice).
+LORA_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
+
+
+def select_condition(negative: Tensor, null: Condition, cond: Condition) -> Condition:
+    """Per sample: ``null`` where ``negative`` is True, else ``cond``."""
+    selected = {}
+    for key, value in cond.items():
+        mask = negative.to(torch.bool).view(-1, *([1] * (value.dim() - 1)))
+        selected[key] = torch.where(mask.to(value.device), null[key].to(value.dtype), value)
+    return selected
+
+
+def cat_conditions(*conds: Condition) -> Condition:
+    """Concatenate conditions along the batch dimension."""
+    return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
+
+
+def per_sample_mse(prediction: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error over every dimension but the first, in float32."""
+    diff = prediction.float() - target.float()
+    return diff.pow(2).flatten(1).mean(dim=1)
+
+
+class Backbone(ABC):
+    """A model family: encoders, denoiser, scheduler, null condition and reference."""
+
+    #: Family name used in the registry, configs and model cards.
+    family: str = ""
+
+    denoiser: nn.Module
+    noise_scheduler: Any  # a diffusers scheduler used to noise training samples
+
+    def __init__(self) -> None:
+        self._reference: nn.Module | None = None
+        self.lora_rank = 0
+
+    # ---- encoding -------------------------------------------------------------------
+    @abstractmethod
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        """Pixels in [-1, 1], shape (B, 3, H, W) -> model-space latents."""
+
+    @abstractmethod
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Model-space latents -> pixels in [-1, 1]."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: Sequence[str], **extras: Tensor) -> Condition:
+        """Prompts (and per-image extras such as original sizes) -> condition dict."""
+
+    @abstractmethod
+    def null_condition(self, cond: Condition) -> Condition:
+        """The unconditional condition the sampler uses, one row per row of ``cond``."""
+
+    def encode_batch(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Condition]:
+        """A collated batch of pairs -> (chosen latents, rejected latents, condition per pair).
+
+        A batch from the latent/text cache already holds ``chosen_latents``,
+        ``rejected_latents`` and ``cond``; it is passed through untouched, so a cached
+        training step does no encoder work.
+        """
+        device = self.device
+        if "chosen_latents" in batch:
+            cond = {k: v.to(device) for k, v in batch["cond"].items()}
+            return batch["chosen_latents"].to(device), batch["rejected_latents"].to(device), cond
+        with torch.no_grad():
+            pixels = torch.cat([batch["chosen_pixels"], batch["rejected_pixels"]]).to(device)
+            latents = self.encode_images(pixels.to(self.encoder_dtype)).float()
+            cond = self.encode_prompts(batch["prompt"], **self.condition_extras(batch))
+        chosen, rejected = latents.chunk(2)
+        return chosen, rejected, cond
+
+    def condition_extras(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Per-pair inputs besides the prompt that the condition needs (SDXL sizes)."""
+        return {}
+
+    # ---- diffusion ------------------------------------------------------------------
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.noise_scheduler.config.num_train_timesteps)
+
+    def sample_timesteps(self, n: int, generator: torch.Generator) -> Tensor:
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
+
+    def add_noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        return self.noise_scheduler.add_noise(latents, noise, timesteps)
+
+    def training_target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """The model's own prediction target: never assume epsilon."""
+        kind = self.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        if kind == "sample":
+            return latents
+        raise ValueError(f"prediction_type: unsupported {kind!r} (epsilon, v_prediction, sample)")
+
+    def predict(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, cond: Condition) -> Tensor:
+        """One denoiser forward; ``model`` may be a DDP/FSDP wrapper of ``self.denoiser``."""
+        extra = {k: v for k, v in cond.items() if k != "encoder_hidden_states"}
+        kwargs = {"added_cond_kwargs": extra} if extra else {}
+        return model(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"], **kwargs).sample
+
+    # ---- devices and dtypes ---------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @abstractmethod
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Encoders and other modules that are never trained."""
+
+    def to(self, device: torch.device | str, frozen_dtype: torch.dtype | None = None) -> Backbone:
+        """Move everything to ``device``; frozen modules may be cast to a half dtype."""
+        self.denoiser.to(device)
+        for module in self.frozen_modules().values():
+            module.to(device, dtype=frozen_dtype) if frozen_dtype else module.to(device)
+        if self._reference is not None:
+            self._reference.to(device, dtype=frozen_dtype) if frozen_dtype else self._reference.to(device)
+        return self
+
+    # ---- training set-up and the reference -----------------------------------------
+    def prepare_for_training(
+        self, *, lora_rank: int = 0, gradient_checkpointing: bool = False
+    ) -> list[nn.Parameter]:
+        """Freeze encoders, add LoRA adapters (``lora_rank > 0``) or keep a frozen reference
+        copy (full fine-tune), and return the trainable parameters."""
+        for module in self.frozen_modules().values():
+            module.requires_grad_(False).eval()
+        self.lora_rank = lora_rank
+        if lora_rank > 0:
+            from peft import LoraConfig
+
+            self.denoiser.requires_grad_(False)
+            self.denoiser.add_adapter(
+                LoraConfig(
+                    r=lora_rank,
+                    lora_alpha=lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(LORA_TARGET_MODULES),
+                )
+            )
+            self._reference = None  # the same network with adapters disabled
+        else:
+            self._reference = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+            self.denoiser.requires_grad_(True)
+        if gradient_checkpointing:
+            self.denoiser.enable_gradient_checkpointing()
+        self.denoiser.train()
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[nn.Module]:
+        """The frozen reference model, under no_grad: the frozen copy, or (LoRA) the same
+        network with its adapters disabled for the duration of the block."""
+        with torch.no_grad():
+            if self._reference is not None:
+                yield self._reference
+            elif self.lora_rank > 0:
+                self.denoiser.disable_adapters()
+                try:
+                    yield self.denoiser
+                finally:
+                    self.denoiser.enable_adapters()
+            else:
+                raise RuntimeError("reference: call prepare_for_training() first")
+
+    # ---- saving ---------------------------------------------------------------------
+    @abstractmethod
+    def save_trained(self, output_dir: str | Path, denoiser: nn.Module | None = None) -> list[str]:
+        """Save what training changed so the family's own loaders read it; return the
+        files written (LoRA: ``pytorch_lora_weights.safetensors``; full: ``unet/``)."""
+
+    def describe(self) -> dict[str, Any]:
+        """A small JSON-able description for model cards and caches."""
+        return {"family": self.family, "prediction_type": self.prediction_type}

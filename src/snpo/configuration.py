@@ -1,0 +1,209 @@
+"""Dataclass configs that load from YAML with command-line overrides.
+
+    config = load_config(TrainConfig, "configs/sd15-snpo.yaml", ["--beta", "5000"])
+
+Unknown keys are errors with a suggestion for a likely typo; values are converted to the
+field's type with a one-line error naming the field; ``validate()`` (when the dataclass
+defines it) runs before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad config value or key; the message is one line naming the field."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _unknown_key_error(key: str, known: Sequence[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _convert(name: str, value: Any, annotation: Any) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to ``annotation``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        is_null = value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~"))
+        if is_null and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(name, value, arg)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{name}: cannot be {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{name}: expected one of {allowed}, got {value!r}")
+        return value
+    if origin in (list, tuple) or annotation in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        item_type = args[0] if args else Any
+        items = [_convert(name, v, item_type) for v in value]
+        return tuple(items) if (origin is tuple or annotation is tuple) else items
+    if origin is dict or annotation is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return value
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return int(as_float)
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, dict | list):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    if annotation is Path:
+        return Path(value)
+    return value
+
+
+def parse_overrides(args: Sequence[str]) -> dict[str, str]:
+    """``["--beta", "5000", "--objective=dpo"]`` -> ``{"beta": "5000", "objective": "dpo"}``.
+
+    A flag with no value (``--gradient_checkpointing``) means true. Dashes in names may be
+    written as underscores or hyphens.
+    """
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: expected --key value, got {arg!r}")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value = args[i + 1]
+            i += 1
+        else:
+            value = "true"
+        overrides[key.replace("-", "_")] = value
+        i += 1
+    return overrides
+
+
+def config_from_dict(cls: type[T], values: Mapping[str, Any], where: str = "config") -> T:
+    """Build and validate ``cls`` from a mapping; unknown keys and bad values are errors."""
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types_:
+            raise _unknown_key_error(key, list(types_), where)
+        kwargs[key] = _convert(key, value, types_[key])
+    try:
+        config = cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ConfigError:
+            raise
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return config
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {str(path)!r}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()
+) -> T:
+    """YAML file (optional) then command-line overrides, validated before anything loads."""
+    values: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        values.update(load_yaml(path))
+        where = str(path)
+        types_ = _field_types(cls)
+        for key in values:
+            if key not in types_:
+                raise _unknown_key_error(key, list(types_), where)
+    extra = parse_overrides(overrides) if not isinstance(overrides, Mapping) else dict(overrides)
+    types_ = _field_types(cls)
+    for key in extra:
+        if key not in types_:
+            raise _unknown_key_error(key, list(types_), "command line")
+    values.update(extra)
+    return config_from_dict(cls, values, where)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON/YAML-able dict of a config dataclass."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out

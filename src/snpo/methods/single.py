@@ -1,0 +1,123 @@
+"""One network, any objective: how a batch of preference pairs becomes a loss.
+
+For each pair: ONE timestep and ONE noise shared by both images (as Diffusion-DPO does),
+a branch label ``negative ~ Bernoulli(p)`` (p = the CFG dropout probability), the prompt
+replaced by the backbone's null condition on the null branch, and per-sample errors of the
+policy and, under no_grad, of the reference. ``snpo.objectives`` turns the errors into the
+loss; the winner/loser swap of the SNPO objectives happens there.
+
+Chosen and rejected images go through the denoiser as one batch of 2B, the reference the
+same, so a step costs one policy forward/backward and one reference forward, whatever the
+objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from snpo.backbones.base import (
+    Backbone,
+    Condition,
+    cat_conditions,
+    per_sample_mse,
+    select_condition,
+)
+from snpo.objectives import ObjectiveConfig, preference_loss
+
+
+@dataclass
+class PairErrors:
+    """Per-sample errors for a batch of pairs (by the dataset's labels), and branch labels."""
+
+    err_chosen: Tensor
+    err_rejected: Tensor
+    ref_err_chosen: Tensor
+    ref_err_rejected: Tensor
+    negative: Tensor
+
+
+def draw_pair_noise(
+    backbone: Backbone, latents: Tensor, cfg_dropout: float, pair_seeds: list[int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Noise, timestep and branch label of each pair, each pair from its own seed.
+
+    Drawn on the CPU from per-pair generators, so the draws do not depend on the batch
+    size, the accumulation, the number of processes or the device, and replay exactly
+    after a resume.
+    """
+    if len(pair_seeds) != latents.shape[0]:
+        raise ValueError(f"pair_seeds: expected {latents.shape[0]} seeds, got {len(pair_seeds)}")
+    noises, timesteps, negative = [], [], []
+    for seed in pair_seeds:
+        generator = torch.Generator().manual_seed(seed)
+        noises.append(torch.randn(latents.shape[1:], generator=generator))
+        timesteps.append(backbone.sample_timesteps(1, generator))
+        negative.append(torch.rand(1, generator=generator) < cfg_dropout)
+    device = latents.device
+    return (
+        torch.stack(noises).to(device, latents.dtype),
+        torch.cat(timesteps).to(device),
+        torch.cat(negative).to(device),
+    )
+
+
+def pair_errors(
+    backbone: Backbone,
+    model: nn.Module,
+    chosen: Tensor,
+    rejected: Tensor,
+    cond: Condition,
+    noise: Tensor,
+    timesteps: Tensor,
+    negative: Tensor,
+    *,
+    with_reference: bool = True,
+) -> PairErrors:
+    """Policy (and reference) errors of both images of each pair, on the branch ``negative``."""
+    cond = select_condition(negative, backbone.null_condition(cond), cond)
+    latents = torch.cat([chosen, rejected])
+    noise2, timesteps2 = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
+    cond2 = cat_conditions(cond, cond)
+    noisy = backbone.add_noise(latents, noise2, timesteps2)
+    target = backbone.training_target(latents, noise2, timesteps2)
+
+    err = per_sample_mse(backbone.predict(model, noisy, timesteps2, cond2), target)
+    if with_reference:
+        with backbone.reference() as reference:
+            ref_err = per_sample_mse(backbone.predict(reference, noisy, timesteps2, cond2), target)
+    else:
+        ref_err = err.detach()
+    err_chosen, err_rejected = err.chunk(2)
+    ref_chosen, ref_rejected = ref_err.chunk(2)
+    return PairErrors(err_chosen, err_rejected, ref_chosen, ref_rejected, negative)
+
+
+class SingleNetworkMethod:
+    """Diff-DPO, Diff-BDPO, naive SNPO, Diff-SNPO and SFT on one network."""
+
+    name = "single"
+
+    def __init__(self, backbone: Backbone, objective: ObjectiveConfig, cfg_dropout: float) -> None:
+        if not 0 <= cfg_dropout < 1:
+            raise ValueError(f"cfg_dropout: expected a probability in [0, 1), got {cfg_dropout!r}")
+        self.backbone = backbone
+        self.objective = objective
+        self.cfg_dropout = cfg_dropout
+
+    def compute_loss(
+        self, model: nn.Module, batch: dict[str, Any], pair_seeds: list[int]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss and metrics for one batch of pairs; ``model`` is the (wrapped) policy."""
+        chosen, rejected, cond = self.backbone.encode_batch(batch)
+        noise, timesteps, negative = draw_pair_noise(self.backbone, chosen, self.cfg_dropout, pair_seeds)
+        errors = pair_errors(self.backbone, model, chosen, rejected, cond, noise, timesteps, negative)
+        obj = self.objective
+        return preference_loss(
+            errors.err_chosen, errors.err_rejected, errors.ref_err_chosen, errors.ref_err_rejected,
+            errors.negative, objective=obj.objective, beta=obj.beta,
+            mix_lambda=obj.mix_lambda, mix_scale=obj.mix_scale,
+        )

@@ -1,0 +1,252 @@
+"""``snpo demo``: the paper's comparison, end to end, on the offline toy world.
+
+1. Pretrain (or load from the cache) the toy reference on web-like data.
+2. Make Pick-a-Pic-style pairs from reference samples, labelled by the label judge.
+3. Align with every method under the same budget (steps x pairs per step, learning rate,
+   beta, p), through the same trainer a Stable Diffusion run uses.
+4. Sample held-out prompts (DDIM 50 steps, CFG 7.5, several seeds), score with both judges,
+   measure blur and the null branch's implicit accuracy on reversed held-out pairs.
+5. Write the report folder (``snpo.toy.report``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from snpo.backbones.toy import ToyBackbone
+from snpo.evaluation import implicit_accuracy
+from snpo.methods.single import SingleNetworkMethod
+from snpo.objectives import ObjectiveConfig
+from snpo.sampling import SamplingConfig, sample_images, single_network_guide
+from snpo.toy import scenes as S
+from snpo.toy.data import stack_batch
+from snpo.toy.judges import high_frequency_energy, make_heldout_judge, make_label_judge
+from snpo.toy.world import (
+    ToyWorldConfig,
+    load_or_make_pairs,
+    load_or_pretrain_reference,
+    split_prompts,
+)
+from snpo.training.config import TrainConfig
+from snpo.training.trainer import Trainer
+
+
+@dataclass
+class RunSpec:
+    """One alignment run of the comparison."""
+
+    name: str
+    objective: str
+    mix_lambda: float = 0.9
+    mix_scale: float | None = None
+    group: str = "main"  # main | mix_scale | lambda
+
+
+@dataclass
+class DemoConfig:
+    """Settings of ``snpo demo``; ``--quick`` shrinks every size (``quick_overrides``)."""
+
+    output_dir: str = "snpo-demo"
+    cache_dir: str | None = None
+    seed: int = 0
+    # the toy world (see ToyWorldConfig)
+    pretrain_steps: int = 2500
+    pretrain_images: int = 24_000
+    pairs_per_prompt: int = 16
+    heldout_prompts: int = 24
+    heldout_pairs_per_prompt: int = 4
+    pair_sampling_steps: int = 20
+    label_temperature: float = 0.03
+    # alignment (the same for every method)
+    train_steps: int = 300
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    beta: float = 2000.0
+    mix_lambda: float = 0.9
+    cfg_dropout: float = 0.1
+    methods: tuple[str, ...] = ("sft", "dpo", "bdpo", "snpo-naive", "snpo")
+    lambda_sweep: tuple[float, ...] = (0.5, 0.8, 0.95, 0.99)
+    mix_scale_ablation: bool = True
+    # evaluation
+    eval_seeds: int = 4
+    eval_prompts: int | None = None  # None = every held-out prompt
+    sampling_steps: int = 50
+    guidance_scale: float = 7.5
+    implicit_draws: int = 8
+    grid_prompts: int = 8
+    show_progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        ObjectiveConfig("snpo", self.beta, self.mix_lambda, None)
+        for lam in self.lambda_sweep:
+            ObjectiveConfig("snpo", self.beta, lam, None)
+        if not 0 <= self.cfg_dropout < 1:
+            raise ValueError(f"cfg_dropout: expected a probability in [0, 1), got {self.cfg_dropout!r}")
+        for name in ("train_steps", "batch_size", "eval_seeds", "sampling_steps", "pretrain_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)!r}")
+        for method in self.methods:
+            ObjectiveConfig(method, self.beta, self.mix_lambda, None)
+
+    def world(self) -> ToyWorldConfig:
+        return ToyWorldConfig(
+            seed=self.seed, pretrain_steps=self.pretrain_steps, pretrain_images=self.pretrain_images,
+            pairs_per_prompt=self.pairs_per_prompt, heldout_prompts=self.heldout_prompts,
+            heldout_pairs_per_prompt=self.heldout_pairs_per_prompt,
+            pair_sampling_steps=self.pair_sampling_steps, label_temperature=self.label_temperature,
+        )
+
+    def runs(self) -> list[RunSpec]:
+        runs = [RunSpec(m, m, self.mix_lambda) for m in self.methods]
+        if self.mix_scale_ablation and "snpo" in self.methods:
+            runs.append(RunSpec("snpo (mix_scale=1)", "snpo", self.mix_lambda, 1.0, "mix_scale"))
+        for lam in self.lambda_sweep:
+            if lam not in (self.mix_lambda, 1.0):
+                runs.append(RunSpec(f"snpo (lambda={lam:g})", "snpo", lam, None, "lambda"))
+        return runs
+
+
+#: ``snpo demo --quick``: the whole pipeline in about a minute, numbers meaningless.
+QUICK_OVERRIDES = {
+    "pretrain_steps": 120, "pretrain_images": 2000, "pairs_per_prompt": 2, "heldout_prompts": 6,
+    "heldout_pairs_per_prompt": 2, "pair_sampling_steps": 8, "train_steps": 8, "batch_size": 8,
+    "lambda_sweep": (0.5,), "eval_seeds": 2, "eval_prompts": 4, "implicit_draws": 2, "grid_prompts": 4,
+}
+
+
+@dataclass
+class ModelEval:
+    """Scores of one model on the evaluation prompts x seeds."""
+
+    images: torch.Tensor  # (seeds * prompts, 3, H, W), seed-major
+    label: np.ndarray  # (seeds, prompts)
+    heldout: np.ndarray  # (seeds, prompts)
+    hf_ratio: float
+    null_accuracy: dict | None = None
+    sampling_seconds: float = 0.0
+
+
+class Evaluator:
+    """Samples and scores any toy denoiser on the same prompts, seeds and pairs."""
+
+    def __init__(self, backbone: ToyBackbone, reference: torch.nn.Module, prompts: list[str],
+                 seeds: list[int], heldout_pairs, config: DemoConfig) -> None:
+        self.backbone, self.reference = backbone, reference
+        self.prompts, self.seeds, self.config = prompts, seeds, config
+        self.heldout_pairs = heldout_pairs
+        self.label_judge, self.heldout_judge = make_label_judge(), make_heldout_judge()
+        self.all_prompts = [p for _ in seeds for p in prompts]
+        self.all_seeds = [s * 10_007 + i for s in seeds for i in range(len(prompts))]
+        renders = S.render([S.Scene.from_caption(p) for p in prompts], backbone.config.resolution)
+        self.render_hf = float(high_frequency_energy(renders).mean())
+        self.sampling = SamplingConfig(config.sampling_steps, config.guidance_scale, "ddim", batch_size=128)
+
+    def images(self, model: torch.nn.Module, guide=None) -> tuple[torch.Tensor, float]:
+        c = self.backbone.config
+        guide = guide or single_network_guide(self.backbone, model, self.config.guidance_scale)
+        start = time.perf_counter()
+        images = sample_images(self.backbone, guide, self.all_prompts, self.all_seeds,
+                               (c.latent_channels, c.latent_size, c.latent_size), self.sampling)
+        return images, time.perf_counter() - start
+
+    def evaluate(self, model: torch.nn.Module, *, null_model: torch.nn.Module | None = None,
+                 guide=None, with_null_accuracy: bool = True) -> ModelEval:
+        images, seconds = self.images(model, guide)
+        shape = (len(self.seeds), len(self.prompts))
+        label = np.asarray(self.label_judge(images, self.all_prompts)).reshape(shape)
+        heldout = np.asarray(self.heldout_judge(images, self.all_prompts)).reshape(shape)
+        hf = float(high_frequency_energy(images).mean()) / self.render_hf
+        null_acc = None
+        if with_null_accuracy:
+            null_acc = self.null_accuracy(null_model if null_model is not None else model)
+        return ModelEval(images, label, heldout, hf, null_acc, seconds / len(self.all_prompts))
+
+    def null_accuracy(self, model: torch.nn.Module) -> dict:
+        pairs = self.heldout_pairs.dataset()
+        batches = [stack_batch([pairs[i] for i in range(s, min(s + 64, len(pairs)))]) for s in range(0, len(pairs), 64)]
+        return implicit_accuracy(self.backbone, model, self.reference, batches, branch="null",
+                                 reverse=True, draws=self.config.implicit_draws, seed=self.config.seed + 99)
+
+
+def train_run(spec: RunSpec, reference_dir: Path, pairs, config: DemoConfig, out_dir: Path):
+    """Align a fresh copy of the reference with one objective; return (backbone, result, seconds)."""
+    backbone = ToyBackbone.from_pretrained(reference_dir)
+    train_config = TrainConfig(
+        model_name_or_path=str(reference_dir), output_dir=str(out_dir), objective=spec.objective,
+        beta=config.beta, mix_lambda=spec.mix_lambda, mix_scale=spec.mix_scale,
+        cfg_dropout=config.cfg_dropout, max_steps=config.train_steps,
+        per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
+        lr_scheduler="constant_with_warmup", lr_warmup_steps=min(20, config.train_steps // 10),
+        adam_weight_decay=0.0, max_grad_norm=1.0, checkpointing_steps=0, report_to="none",
+        seed=config.seed, resolution=max(8, backbone.config.resolution),
+    )
+    method = SingleNetworkMethod(backbone, train_config.objective_config, config.cfg_dropout)
+    start = time.perf_counter()
+    result = Trainer(train_config, backbone, pairs.dataset(), method, collate_fn=stack_batch,
+                     show_progress=config.show_progress, save_model=False, write_logs=True).train()
+    seconds = time.perf_counter() - start
+    backbone.denoiser.eval()
+    return backbone, result, seconds
+
+
+def run_demo(config: DemoConfig) -> Path:
+    """Run the whole comparison and write the report folder; returns its path."""
+    from snpo.toy.report import write_report
+
+    config.validate()
+    torch.manual_seed(config.seed)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    world = config.world()
+    backbone, reference_dir = load_or_pretrain_reference(
+        world, Path(config.cache_dir) if config.cache_dir else None, show_progress=config.show_progress)
+    timings["reference (pretrain or cache)"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    train_pairs, heldout_pairs = load_or_make_pairs(backbone, reference_dir, world, show_progress=config.show_progress)
+    timings["pairs (make or cache)"] = time.perf_counter() - t0
+
+    _, heldout_prompts = split_prompts(world)
+    eval_prompts = heldout_prompts[: config.eval_prompts] if config.eval_prompts else heldout_prompts
+    seeds = list(range(config.eval_seeds))
+    reference = copy.deepcopy(backbone.denoiser).eval().requires_grad_(False)
+    evaluator = Evaluator(backbone, reference, eval_prompts, seeds, heldout_pairs, config)
+
+    t0 = time.perf_counter()
+    evals: dict[str, ModelEval] = {"reference": evaluator.evaluate(reference, with_null_accuracy=False)}
+    timings["evaluation"] = time.perf_counter() - t0
+    histories: dict[str, list[dict]] = {}
+    run_info: dict[str, dict] = {}
+    for spec in config.runs():
+        t0 = time.perf_counter()
+        aligned, result, seconds = train_run(spec, reference_dir, train_pairs, config, out / "runs" / _slug(spec.name))
+        evaluator.backbone = aligned
+        evals[spec.name] = evaluator.evaluate(aligned.denoiser)
+        evaluator.backbone = backbone
+        histories[spec.name] = result.history
+        run_info[spec.name] = {**asdict(spec), "train_seconds": seconds,
+                               "pairs_per_second": config.train_steps * config.batch_size / seconds,
+                               "skipped_nonfinite": result.skipped_nonfinite}
+        timings["training"] = timings.get("training", 0.0) + seconds
+        timings["evaluation"] += time.perf_counter() - t0 - seconds
+        del aligned
+
+    t0 = time.perf_counter()
+    write_report(out, config, world, train_pairs, heldout_pairs, evals, histories, run_info, timings, eval_prompts)
+    timings["report"] = time.perf_counter() - t0
+    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    return out
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in name).strip("_")

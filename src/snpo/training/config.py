@@ -1,0 +1,109 @@
+"""``TrainConfig``: every knob of ``snpo train``, named as TRL and diffusers users expect."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from snpo.objectives import ObjectiveConfig, validate_objective_args
+
+LR_SCHEDULERS = (
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+)
+MIXED_PRECISION = ("no", "fp16", "bf16")
+REPORT_TO = ("tensorboard", "wandb", "none", "all")
+
+
+@dataclass
+class TrainConfig:
+    """Configuration of one preference-alignment run (any objective, one network)."""
+
+    # model and data
+    model_name_or_path: str = ""
+    dataset_name: str = ""
+    dataset_split: str | None = None
+    output_dir: str = "snpo-output"
+    cache_dir: str | None = None  # a latent/text cache written by `snpo cache`
+    max_train_samples: int | None = None
+    drop_ties: bool = True
+    resolution: int = 512
+    center_crop: bool = True
+    random_flip: bool = True
+    dataloader_num_workers: int = 0
+
+    # objective
+    objective: str = "snpo"
+    beta: float = 2000.0
+    mix_lambda: float = 0.9
+    mix_scale: float | None = None
+    cfg_dropout: float = 0.1
+
+    # optimisation
+    max_steps: int = 2000
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-8
+    scale_lr: bool = False
+    lr_scheduler: str = "constant_with_warmup"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    max_nonfinite_steps: int = 5
+
+    # model mode and precision
+    lora_rank: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+
+    # checkpoints, logging, reproducibility
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    logging_steps: int = 1
+    report_to: str = "tensorboard"
+    seed: int = 0
+
+    def validate(self) -> None:
+        """One-line errors naming the field, the value and what is allowed."""
+        validate_objective_args(self.objective, self.beta, self.mix_lambda, self.mix_scale)
+        checks = [
+            ("cfg_dropout", 0 <= self.cfg_dropout < 1, "a probability in [0, 1)"),
+            ("max_steps", self.max_steps >= 1, "an integer >= 1"),
+            ("per_device_train_batch_size", self.per_device_train_batch_size >= 1, "an integer >= 1"),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "an integer >= 1"),
+            ("learning_rate", self.learning_rate > 0, "a number > 0"),
+            ("lr_warmup_steps", self.lr_warmup_steps >= 0, "an integer >= 0"),
+            ("max_grad_norm", self.max_grad_norm >= 0, "a number >= 0 (0 disables clipping)"),
+            ("max_nonfinite_steps", self.max_nonfinite_steps >= 1, "an integer >= 1"),
+            ("lora_rank", self.lora_rank >= 0, "an integer >= 0 (0 = full fine-tune)"),
+            ("resolution", self.resolution >= 8 and self.resolution % 8 == 0, "a multiple of 8, >= 8"),
+            ("checkpointing_steps", self.checkpointing_steps >= 0, "an integer >= 0 (0 = only at the end)"),
+            ("logging_steps", self.logging_steps >= 1, "an integer >= 1"),
+            ("dataloader_num_workers", self.dataloader_num_workers >= 0, "an integer >= 0"),
+            ("adam_beta1", 0 <= self.adam_beta1 < 1, "a number in [0, 1)"),
+            ("adam_beta2", 0 <= self.adam_beta2 < 1, "a number in [0, 1)"),
+            ("adam_weight_decay", self.adam_weight_decay >= 0, "a number >= 0"),
+            ("adam_epsilon", self.adam_epsilon > 0, "a number > 0"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name}: expected {allowed}, got {getattr(self, name)!r}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError(
+                f"checkpoints_total_limit: expected an integer >= 1 or null, got {self.checkpoints_total_limit!r}"
+            )
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(f"max_train_samples: expected an integer >= 1 or null, got {self.max_train_samples!r}")
+        for name, value, allowed in [
+            ("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS),
+            ("mixed_precision", self.mixed_precision, MIXED_PRECISION),
+            ("report_to", self.report_to, REPORT_TO),
+        ]:
+            if value not in allowed:
+                raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+
+    @property
+    def objective_config(self) -> ObjectiveConfig:
+        return ObjectiveConfig(self.objective, self.beta, self.mix_lambda, self.mix_scale)
