@@ -237,3 +237,17 @@ def test_bad_arguments_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         e = torch.zeros(2)
         preference_logits(e, e, e, e, torch.zeros(2, dtype=torch.bool), **args)
+
+
+def test_bounded_term_is_exact_at_zero_and_finite_everywhere():
+    """M(0) = 0 exactly (so z = 0 and accuracy 0 at initialisation), in every dtype, and
+    M agrees with the float64 formula across the switch between its two branches."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        zero = bounded_loser_term(torch.zeros(3, dtype=dtype), beta=2000, mix_lambda=0.9)
+        assert torch.equal(zero, torch.zeros(3, dtype=dtype))
+    r = torch.tensor([-50.0, -1.0, 0.5, 19.9, 20.1, 60.0, 500.0], dtype=torch.float64, requires_grad=True)
+    m = bounded_loser_term(r, beta=2.0, mix_lambda=0.9)  # k = beta/2 = 1, so r = l
+    expected = [math.log(0.9 * math.exp(x) + 0.1) if x < 300 else x + math.log(0.9) for x in r.tolist()]
+    assert torch.allclose(m, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    m.sum().backward()
+    assert torch.isfinite(r.grad).all()

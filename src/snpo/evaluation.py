@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from snpo.backbones.base import Backbone, cat_conditions, per_sample_mse
+from snpo.backbones.base import Backbone, per_sample_mse
 from snpo.training.trainer import pair_seed
 
 
@@ -61,7 +61,7 @@ def implicit_accuracy(
             timesteps = torch.cat(timesteps).to(chosen.device)
             latents = torch.cat([chosen, rejected])
             noise2, t2 = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
-            cond2 = cat_conditions(cond, cond)
+            cond2 = cond  # 2B rows already: chosen images first
             noisy = backbone.add_noise(latents, noise2, t2)
             target = backbone.training_target(latents, noise2, t2)
             err = per_sample_mse(backbone.predict(model, noisy, t2, cond2), target)

@@ -99,7 +99,14 @@ def bounded_loser_term(
         return loser_reward
     k = beta / 2 if mix_scale is None else mix_scale
     r = loser_reward * (2 * k / beta)
-    log_mix = torch.logaddexp(r + math.log(mix_lambda), torch.full_like(r, math.log1p(-mix_lambda)))
+    # log(lam e^r + 1 - lam) = log1p(lam * expm1(r)): exact at r = 0 (M(0) = 0, so z = 0 at
+    # initialisation) and stable for r -> -inf. For large r, expm1 would overflow: use
+    # logaddexp there. Both branches see clamped inputs so neither produces inf/NaN gradients.
+    small = torch.log1p(mix_lambda * torch.expm1(r.clamp(max=20.0)))
+    large = torch.logaddexp(
+        r.clamp(min=20.0) + math.log(mix_lambda), torch.full_like(r, math.log1p(-mix_lambda))
+    )
+    log_mix = torch.where(r <= 20.0, small, large)
     return log_mix * (beta / (2 * k))
 
 

@@ -54,6 +54,10 @@ class Backbone(ABC):
 
     #: Family name used in the registry, configs and model cards.
     family: str = ""
+    #: Condition entries that depend on the image as well as the prompt (SDXL's
+    #: ``time_ids``); every other entry depends on the prompt only. A latent/text cache
+    #: stores the former per image and the latter once per prompt.
+    image_condition_keys: tuple[str, ...] = ()
 
     denoiser: nn.Module
     noise_scheduler: Any  # a diffusers scheduler used to noise training samples
@@ -79,26 +83,35 @@ class Backbone(ABC):
     def null_condition(self, cond: Condition) -> Condition:
         """The unconditional condition the sampler uses, one row per row of ``cond``."""
 
-    def encode_batch(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Condition]:
-        """A collated batch of pairs -> (chosen latents, rejected latents, condition per pair).
+    def preset_null_text(self, null_text: Condition) -> None:  # noqa: B027 (optional hook)
+        """Use a stored null condition (one row, from a latent/text cache) instead of running
+        the text encoder. Families whose null condition needs no encoder may ignore it."""
 
-        A batch from the latent/text cache already holds ``chosen_latents``,
-        ``rejected_latents`` and ``cond``; it is passed through untouched, so a cached
-        training step does no encoder work.
+    def encode_batch(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Condition]:
+        """A collated batch of B pairs -> (chosen latents, rejected latents, condition).
+
+        The condition has 2B rows, chosen images first then rejected ones, because a
+        condition may depend on the image as well as the prompt (SDXL's ``time_ids`` hold
+        each image's original size and crop). A batch from the latent/text cache already
+        holds ``chosen_latents``, ``rejected_latents`` and ``cond``; it is passed through
+        untouched, so a cached training step does no encoder work.
         """
         device = self.device
         if "chosen_latents" in batch:
             cond = {k: v.to(device) for k, v in batch["cond"].items()}
-            return batch["chosen_latents"].to(device), batch["rejected_latents"].to(device), cond
+            chosen, rejected = batch["chosen_latents"], batch["rejected_latents"]
+            return chosen.to(device).float(), rejected.to(device).float(), cond
         with torch.no_grad():
             pixels = torch.cat([batch["chosen_pixels"], batch["rejected_pixels"]]).to(device)
             latents = self.encode_images(pixels.to(self.encoder_dtype)).float()
-            cond = self.encode_prompts(batch["prompt"], **self.condition_extras(batch))
+            prompts = list(batch["prompt"]) * 2
+            cond = self.encode_prompts(prompts, **self.condition_extras(batch))
         chosen, rejected = latents.chunk(2)
         return chosen, rejected, cond
 
     def condition_extras(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Per-pair inputs besides the prompt that the condition needs (SDXL sizes)."""
+        """Per-image inputs besides the prompt that the condition needs (2B rows, chosen
+        first), e.g. SDXL's original sizes and crop offsets. None for most families."""
         return {}
 
     # ---- diffusion ------------------------------------------------------------------
@@ -147,8 +160,15 @@ class Backbone(ABC):
         """Encoders and other modules that are never trained."""
 
     def to(self, device: torch.device | str, frozen_dtype: torch.dtype | None = None) -> Backbone:
-        """Move everything to ``device``; frozen modules may be cast to a half dtype."""
-        self.denoiser.to(device)
+        """Move everything to ``device``; frozen modules may be cast to a half dtype.
+
+        With LoRA the denoiser's base weights are frozen too and are cast with them (as the
+        diffusers LoRA scripts do); the trainer casts the trainable adapters back to float32.
+        """
+        if self.lora_rank > 0 and frozen_dtype is not None:
+            self.denoiser.to(device, dtype=frozen_dtype)
+        else:
+            self.denoiser.to(device)
         for module in self.frozen_modules().values():
             module.to(device, dtype=frozen_dtype) if frozen_dtype else module.to(device)
         if self._reference is not None:

@@ -45,7 +45,7 @@ class ToyModelConfig:
     max_prompt_tokens: int = 16
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: str = "epsilon"
+    prediction_type: str = "v_prediction"  # epsilon left heavy residual noise at 16 px (see docs/toy.md)
 
     @property
     def latent_channels(self) -> int:

@@ -19,6 +19,7 @@ class DenoisingMethod:
     """``loss = mean || f(x_t, t, c) - target ||^2`` with the prompt dropped with prob. p."""
 
     name = "denoising"
+    progress_name = "pretrain (denoising)"
 
     def __init__(self, backbone: Backbone, cfg_dropout: float = 0.1, *, train_text_encoder: bool = False) -> None:
         if not 0 <= cfg_dropout < 1:

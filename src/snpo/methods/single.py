@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from snpo.backbones.base import (
     Backbone,
     Condition,
-    cat_conditions,
     per_sample_mse,
     select_condition,
 )
@@ -77,11 +76,14 @@ def pair_errors(
     *,
     with_reference: bool = True,
 ) -> PairErrors:
-    """Policy (and reference) errors of both images of each pair, on the branch ``negative``."""
-    cond = select_condition(negative, backbone.null_condition(cond), cond)
+    """Policy (and reference) errors of both images of each pair, on the branch ``negative``.
+
+    ``cond`` has 2B rows (chosen images first), as ``Backbone.encode_batch`` returns it.
+    """
+    negative2 = torch.cat([negative, negative])
+    cond2 = select_condition(negative2, backbone.null_condition(cond), cond)
     latents = torch.cat([chosen, rejected])
     noise2, timesteps2 = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
-    cond2 = cat_conditions(cond, cond)
     noisy = backbone.add_noise(latents, noise2, timesteps2)
     target = backbone.training_target(latents, noise2, timesteps2)
 

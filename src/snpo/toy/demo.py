@@ -21,7 +21,11 @@ import numpy as np
 import torch
 
 from snpo.backbones.toy import ToyBackbone
+from snpo.efficiency import Footprint, chats_footprint, npo_footprint, single_network_footprint
 from snpo.evaluation import implicit_accuracy
+from snpo.merging import merge_denoisers
+from snpo.methods.chats import ChatsMethod, chats_guide, prepare_chats
+from snpo.methods.npo import npo_guide, npo_negative_method
 from snpo.methods.single import SingleNetworkMethod
 from snpo.objectives import ObjectiveConfig
 from snpo.sampling import SamplingConfig, sample_images, single_network_guide
@@ -74,6 +78,10 @@ class DemoConfig:
     methods: tuple[str, ...] = ("sft", "dpo", "bdpo", "snpo-naive", "snpo")
     lambda_sweep: tuple[float, ...] = (0.5, 0.8, 0.95, 0.99)
     mix_scale_ablation: bool = True
+    dual_baselines: bool = True  # Diff-NPO (before and after merging) and CHATS
+    npo_merge_a: float = 1.0  # theta_neg = ref + a (pos - ref) + b (npo - ref); public code: b = 1
+    npo_merge_b: float = 1.0
+    chats_guidance_scale: float | None = None  # None: guidance_scale - 1 (same extrapolation as CFG)
     # evaluation
     eval_seeds: int = 4
     eval_prompts: int | None = None  # None = every held-out prompt
@@ -176,25 +184,66 @@ class Evaluator:
                                  reverse=True, draws=self.config.implicit_draws, seed=self.config.seed + 99)
 
 
-def train_run(spec: RunSpec, reference_dir: Path, pairs, config: DemoConfig, out_dir: Path):
-    """Align a fresh copy of the reference with one objective; return (backbone, result, seconds)."""
-    backbone = ToyBackbone.from_pretrained(reference_dir)
-    train_config = TrainConfig(
-        model_name_or_path=str(reference_dir), output_dir=str(out_dir), objective=spec.objective,
-        beta=config.beta, mix_lambda=spec.mix_lambda, mix_scale=spec.mix_scale,
-        cfg_dropout=config.cfg_dropout, max_steps=config.train_steps,
-        per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
-        lr_scheduler="constant_with_warmup", lr_warmup_steps=min(20, config.train_steps // 10),
-        adam_weight_decay=0.0, max_grad_norm=1.0, checkpointing_steps=0, report_to="none",
-        seed=config.seed, resolution=max(8, backbone.config.resolution),
+def alignment_config(config: DemoConfig, reference_dir: Path, out_dir: Path, *, objective: str = "dpo",
+                     mix_lambda: float = 0.9, mix_scale: float | None = None,
+                     cfg_dropout: float | None = None) -> TrainConfig:
+    """The one training budget every method of the comparison gets."""
+    return TrainConfig(
+        model_name_or_path=str(reference_dir), output_dir=str(out_dir), objective=objective,
+        beta=config.beta, mix_lambda=mix_lambda, mix_scale=mix_scale,
+        cfg_dropout=config.cfg_dropout if cfg_dropout is None else cfg_dropout,
+        max_steps=config.train_steps, per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate, lr_scheduler="constant_with_warmup",
+        lr_warmup_steps=min(20, config.train_steps // 10), adam_weight_decay=0.0, max_grad_norm=1.0,
+        checkpointing_steps=0, report_to="none", seed=config.seed,
     )
-    method = SingleNetworkMethod(backbone, train_config.objective_config, config.cfg_dropout)
+
+
+@dataclass
+class TrainedRun:
+    backbone: ToyBackbone
+    model: torch.nn.Module  # the trained denoiser, or CHATS' dual module
+    history: list[dict]
+    seconds: float
+    skipped_nonfinite: int
+
+
+def _train(backbone: ToyBackbone, train_config: TrainConfig, method, pairs, config: DemoConfig,
+           **trainer_kwargs) -> TrainedRun:
+    model = trainer_kwargs.get("model", backbone.denoiser)
     start = time.perf_counter()
     result = Trainer(train_config, backbone, pairs.dataset(), method, collate_fn=stack_batch,
-                     show_progress=config.show_progress, save_model=False, write_logs=True).train()
+                     show_progress=config.show_progress, save_model=False, write_logs=True,
+                     **trainer_kwargs).train()
     seconds = time.perf_counter() - start
-    backbone.denoiser.eval()
-    return backbone, result, seconds
+    model.eval()
+    return TrainedRun(backbone, model, result.history, seconds, result.skipped_nonfinite)
+
+
+def train_single(spec: RunSpec, reference_dir: Path, pairs, config: DemoConfig, out_dir: Path) -> TrainedRun:
+    """Align a fresh copy of the reference with one single-network objective."""
+    backbone = ToyBackbone.from_pretrained(reference_dir)
+    train_config = alignment_config(config, reference_dir, out_dir, objective=spec.objective,
+                                    mix_lambda=spec.mix_lambda, mix_scale=spec.mix_scale)
+    method = SingleNetworkMethod(backbone, train_config.objective_config, config.cfg_dropout)
+    return _train(backbone, train_config, method, pairs, config)
+
+
+def train_npo_negative(reference_dir: Path, pairs, config: DemoConfig, out_dir: Path) -> TrainedRun:
+    """Diff-NPO's negative model: dpo on reversed labels, conditional branch, same budget."""
+    backbone = ToyBackbone.from_pretrained(reference_dir)
+    train_config = alignment_config(config, reference_dir, out_dir, objective="dpo", cfg_dropout=0.0)
+    method = npo_negative_method(backbone, config.beta, cfg_dropout=0.0)
+    return _train(backbone, train_config, method, pairs, config)
+
+
+def train_chats(reference_dir: Path, pairs, config: DemoConfig, out_dir: Path) -> TrainedRun:
+    """CHATS: win and lose networks trained jointly against the frozen reference."""
+    backbone = ToyBackbone.from_pretrained(reference_dir)
+    train_config = alignment_config(config, reference_dir, out_dir, objective="dpo", cfg_dropout=0.0)
+    dual, params = prepare_chats(backbone)
+    method = ChatsMethod(backbone, config.beta)
+    return _train(backbone, train_config, method, pairs, config, model=dual, trainable_parameters=params)
 
 
 def run_demo(config: DemoConfig) -> Path:
@@ -227,22 +276,60 @@ def run_demo(config: DemoConfig) -> Path:
     timings["evaluation"] = time.perf_counter() - t0
     histories: dict[str, list[dict]] = {}
     run_info: dict[str, dict] = {}
+    footprints: dict[str, Footprint] = {}
+    trained: dict[str, TrainedRun] = {}
+
+    def record(name: str, run: TrainedRun, ev: ModelEval, info: dict) -> None:
+        evals[name] = ev
+        if run is not None:
+            if info.get("objective") != "diff-npo":  # NPO's own run logs by reversed labels
+                histories[name] = run.history
+            timings["training"] = timings.get("training", 0.0) + run.seconds
+        run_info[name] = {"train_seconds": run.seconds if run else None,
+                          "pairs_per_second": config.train_steps * config.batch_size / run.seconds if run else None,
+                          "skipped_nonfinite": run.skipped_nonfinite if run else 0, **info}
+
     for spec in config.runs():
         t0 = time.perf_counter()
-        aligned, result, seconds = train_run(spec, reference_dir, train_pairs, config, out / "runs" / _slug(spec.name))
-        evaluator.backbone = aligned
-        evals[spec.name] = evaluator.evaluate(aligned.denoiser)
+        run = train_single(spec, reference_dir, train_pairs, config, out / "runs" / _slug(spec.name))
+        evaluator.backbone = run.backbone
+        record(spec.name, run, evaluator.evaluate(run.model), asdict(spec))
         evaluator.backbone = backbone
-        histories[spec.name] = result.history
-        run_info[spec.name] = {**asdict(spec), "train_seconds": seconds,
-                               "pairs_per_second": config.train_steps * config.batch_size / seconds,
-                               "skipped_nonfinite": result.skipped_nonfinite}
-        timings["training"] = timings.get("training", 0.0) + seconds
-        timings["evaluation"] += time.perf_counter() - t0 - seconds
-        del aligned
+        footprints[spec.name] = single_network_footprint(run.model, run.backbone._reference, spec.name)
+        if spec.name == "dpo" and config.dual_baselines:
+            trained["dpo"] = run  # Diff-NPO's positive model
+        timings["evaluation"] += time.perf_counter() - t0 - run.seconds
+
+    if config.dual_baselines and "dpo" in trained:
+        t0 = time.perf_counter()
+        positive = trained["dpo"]
+        negative = train_npo_negative(reference_dir, train_pairs, config, out / "runs" / "diff-npo-negative")
+        merged = merge_denoisers(reference, positive.model, negative.model, config.npo_merge_a, config.npo_merge_b)
+        npo_seconds = positive.seconds + negative.seconds
+        for name, neg_model in [("diff-npo (before merging)", negative.model), ("diff-npo (merged)", merged)]:
+            guide = npo_guide(backbone, positive.model, neg_model, config.guidance_scale)
+            ev = evaluator.evaluate(positive.model, null_model=neg_model, guide=guide)
+            run = TrainedRun(backbone, neg_model, negative.history, npo_seconds, negative.skipped_nonfinite)
+            record(name, run, ev, {"group": "dual", "objective": "diff-npo", "mix_lambda": None,
+                                   "merge_a": 0.0 if "before" in name else config.npo_merge_a,
+                                   "merge_b": 1.0 if "before" in name else config.npo_merge_b})
+        timings["training"] -= positive.seconds  # counted once, with the dpo row
+        footprints["diff-npo"] = npo_footprint(
+            footprints["dpo"], single_network_footprint(negative.model, negative.backbone._reference, "npo-negative"),
+            positive.model, merged)
+        chats = train_chats(reference_dir, train_pairs, config, out / "runs" / "chats")
+        scale = config.chats_guidance_scale if config.chats_guidance_scale is not None else config.guidance_scale - 1
+        guide = chats_guide(backbone, chats.model["win"], chats.model["lose"], scale)
+        ev = evaluator.evaluate(chats.model["win"], guide=guide, with_null_accuracy=False)
+        record("chats", chats, ev, {"group": "dual", "objective": "chats", "mix_lambda": None,
+                                    "guidance_scale": scale})
+        footprints["chats"] = chats_footprint(chats.model["win"], chats.model["lose"], reference)
+        timings["evaluation"] += time.perf_counter() - t0 - negative.seconds - chats.seconds
+        del trained
 
     t0 = time.perf_counter()
-    write_report(out, config, world, train_pairs, heldout_pairs, evals, histories, run_info, timings, eval_prompts)
+    write_report(out, config, world, train_pairs, heldout_pairs, evals, histories, run_info, timings,
+                 eval_prompts, footprints)
     timings["report"] = time.perf_counter() - t0
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     return out

@@ -66,8 +66,9 @@ def summarise(evals: dict, histories: dict, run_info: dict) -> dict[str, dict]:
                 "final_logratio_rejected": tail_mean(h, "logratio/rejected"),
                 "final_train_accuracy": tail_mean(h, "rewards/accuracies"),
                 "first_train_accuracy": float(np.nanmean([x["rewards/accuracies"] for x in h[: max(1, len(h) // 10)]])),
-                **{k: v for k, v in run_info[name].items() if k in ("train_seconds", "pairs_per_second", "group")},
             })
+        if name in run_info:
+            row.update({k: v for k, v in run_info[name].items() if k in ("train_seconds", "pairs_per_second", "group")})
         rows[name] = row
     return rows
 
@@ -154,6 +155,42 @@ def claims(rows: dict[str, dict]) -> list[tuple[str, str, str]]:
             f"lambda 0.9 - lambda 1: label judge {_d(rows['snpo'], rows['snpo-naive'], 'label')}, held-out judge "
             f"{_d(rows['snpo'], rows['snpo-naive'], 'heldout')}.",
         ))
+    npo = "diff-npo (merged)"
+    if {"snpo", npo} <= have:
+        verdict = _compare(rows["snpo"], rows[npo])
+        snpo_cost = rows["snpo"].get("train_seconds")
+        npo_cost = rows[npo].get("train_seconds")
+        ratio = snpo_cost / npo_cost if snpo_cost and npo_cost else float("nan")
+        good = verdict in ("better", "within noise", "better on one judge, within noise on the other")
+        cheap = ratio <= 0.6
+        out.append((
+            "Diff-SNPO is at least as good as the dual-model Diff-NPO at about half the training cost.",
+            "reproduced" if (good and cheap) else "partly reproduced" if (good or cheap) else "not reproduced",
+            f"SNPO vs merged Diff-NPO on the judges: {verdict} (label {_d(rows['snpo'], rows[npo], 'label')}, "
+            f"held-out {_d(rows['snpo'], rows[npo], 'heldout')}); training time SNPO / Diff-NPO = {ratio:.2f} "
+            "(NPO = its positive DPO run + its negative run). Rule: not worse beyond the seed spread, and <= 0.6x the time.",
+        ))
+    before = "diff-npo (before merging)"
+    if {before, npo} <= have and rows[before]["null_accuracy"] is not None:
+        b, m = rows[before]["null_accuracy"], rows[npo]["null_accuracy"]
+        snpo_acc = rows["snpo"]["null_accuracy"] if "snpo" in have else None
+        out.append((
+            "Weight merging dilutes Diff-NPO's negative alignment (paper Table 5: 63.80% before, 52.34% after), "
+            "and SNPO keeps it (57.45%).",
+            "reproduced" if (b > m and (snpo_acc is None or snpo_acc > m)) else "partly reproduced" if b > m else "not reproduced",
+            f"implicit accuracy of the network serving the null branch on reversed held-out pairs: Diff-NPO before "
+            f"merging {100 * b:.1f}%, after {100 * m:.1f}%" + (f", SNPO {100 * snpo_acc:.1f}%" if snpo_acc is not None else "")
+            + ". Rule: before > after (and SNPO > after).",
+        ))
+    if {"snpo", "chats"} <= have:
+        verdict = _compare(rows["snpo"], rows["chats"])
+        out.append((
+            "Diff-SNPO is competitive with CHATS (paper: better on HPSv2, PickScore and ImageReward for SD1.5).",
+            "reproduced" if verdict in ("better", "better on one judge, within noise on the other", "within noise")
+            else "not reproduced",
+            f"SNPO - CHATS: label judge {_d(rows['snpo'], rows['chats'], 'label')}, held-out judge "
+            f"{_d(rows['snpo'], rows['chats'], 'heldout')}. Rule: not worse beyond the seed spread.",
+        ))
     if "dpo" in have:
         verdict = _compare(rows["dpo"], rows["reference"])
         out.append((
@@ -180,10 +217,37 @@ def mix_scale_statement(rows: dict[str, dict]) -> str | None:
     )
 
 
+def efficiency_rows(rows: dict[str, dict], footprints: dict, config) -> list[list[str]]:
+    """The paper's Table 4 in spirit: what each method trains, holds and costs, this run."""
+    out = []
+    pairs = config.train_steps * config.batch_size
+    for name in rows:
+        key = "diff-npo" if name.startswith("diff-npo") else name
+        if key not in footprints or name == "diff-npo (before merging)":
+            continue
+        fp = footprints[key]
+        # fp32 weights + fp32 grads + two fp32 Adam moments for the trainable part
+        state_mb = (4 * fp.training_resident + 12 * fp.trainable) / 2**20
+        r = rows[name]
+        out.append([
+            "diff-npo" if key == "diff-npo" else name, f"{fp.trainable:,}", f"{fp.training_resident:,}",
+            f"{fp.sampling_resident:,}", str(fp.training_runs), str(fp.sampling_networks), f"{state_mb:.1f}",
+            f"{1000 * r['train_seconds'] / pairs:.2f}" if r.get("train_seconds") else "n/a",
+            f"{1000 * r['sampling_seconds_per_image']:.1f}",
+        ])
+    return out
+
+
+EFFICIENCY_HEADER = ["method", "trainable params", "resident params (training)", "resident params (sampling)",
+                     "training runs", "networks per sampling step", "weights+grads+Adam MB (computed)",
+                     "training ms / pair", "sampling ms / image"]
+
+
 def write_report(out: Path, config, world, train_pairs, heldout_pairs, evals, histories, run_info,
-                 timings, eval_prompts) -> None:
+                 timings, eval_prompts, footprints: dict | None = None) -> None:
     rows = summarise(evals, histories, run_info)
-    main = ["reference"] + [n for n in rows if rows[n].get("group") == "main"]
+    footprints = footprints or {}
+    main = ["reference"] + [n for n in rows if rows[n].get("group") in ("main", "dual")]
     header = ["method", "label judge", "held-out judge", "win vs ref (label)", "win vs ref (held-out)",
               "blur: HF energy / renders", "null-branch implicit acc.", "logratio/chosen (end)", "train s"]
 
@@ -235,6 +299,7 @@ def write_report(out: Path, config, world, train_pairs, heldout_pairs, evals, hi
     results = {
         "rows": rows, "claims": [{"claim": c, "verdict": v, "evidence": e} for c, v, e in verdicts],
         "mix_scale": mix_scale_statement(rows), "timings_seconds": timings, "runs": run_info,
+        "efficiency": [dict(zip(EFFICIENCY_HEADER, r)) for r in efficiency_rows(rows, footprints, config)],
         "pairs": {"train": len(train_pairs.prompts), "heldout": len(heldout_pairs.prompts),
                   "heldout_judge_agrees_with_labels": agree, "mean_label_score_gap": label_gap},
         "config": _jsonable(asdict(config)), "world": _jsonable(asdict(world)),
@@ -259,6 +324,23 @@ def write_report(out: Path, config, world, train_pairs, heldout_pairs, evals, hi
     for claim, verdict, evidence in verdicts:
         md.append(f"- **{verdict.upper()}**: {claim} {evidence}")
     md.append("")
+    negative_rows = [n for n in ("dpo", "snpo", "diff-npo (before merging)", "diff-npo (merged)") if n in rows]
+    if any(n.startswith("diff-npo") for n in negative_rows):
+        md += ["## Negative alignment quality (paper Table 5)\n",
+               "Implicit accuracy of the network that serves the null branch (SNPO, DPO: the policy with the null "
+               "condition; Diff-NPO: its negative network, before and after merging) on reversed held-out pairs.\n",
+               markdown_table(["method", "null-branch implicit accuracy", "paper (SD1.5)"],
+                              [[n, fmt(rows[n]["null_accuracy"], percent=True),
+                                {"dpo": "31.86%", "snpo": "57.45%", "diff-npo (before merging)": "63.80%",
+                                 "diff-npo (merged)": "52.34%"}[n]] for n in negative_rows]), ""]
+    eff = efficiency_rows(rows, footprints, config)
+    if eff:
+        md += ["## Efficiency (measured in this run)\n",
+               "Parameters are the denoisers' (text encoder excluded). Memory is computed from the parameter counts "
+               "(fp32 weights, gradients and Adam moments), not measured: a CPU process has no per-method peak. "
+               "Diff-NPO's training time is its positive (DPO) run plus its negative run. GPU peak memory and "
+               "throughput are measured by `snpo bench` (BENCHMARKS.md).\n",
+               markdown_table(EFFICIENCY_HEADER, eff), ""]
     if ablation:
         md += ["## mix_scale ablation (the likelihood scale k of the bounded term)\n",
                markdown_table(header, [table_row(n) for n in ["snpo", *ablation] if n in rows]), "",

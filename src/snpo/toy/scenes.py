@@ -22,8 +22,9 @@ The triangle is not area-matched: an equal-area triangle (e = 1.56 r) would poke
 image at "top"/"left"; with e = 1.1 r its width (1.91 r) matches the circle's diameter, so the
 three shapes at one size have comparable visual extent.
 
-Rendering uses 4x4 supersampling and a box downsample, so every pixel holds the exact area
-coverage alpha of the shape (up to 1/16), and the image is ``BG * (1 - alpha) + colour * alpha``.
+Rendering uses 4x4 supersampling and a box downsample (each sub-sample itself a one-sub-sample
+linear ramp of the signed distance; squares exactly), so every pixel holds the area coverage
+alpha of the shape to within ~1 %, and the image is ``BG * (1 - alpha) + colour * alpha``.
 """
 
 from __future__ import annotations
@@ -134,12 +135,7 @@ class Scene:
             raise ValueError(f"unparseable caption {caption!r}: expected 'a SIZE COLOUR SHAPE ...'")
         size, colour, shape = words[1], words[2], words[3]
         position = _PHRASE_TO_POSITION.get(" ".join(words[4:]))
-        if (
-            position is None
-            or size not in SIZES
-            or colour not in COLOURS
-            or shape not in SHAPES
-        ):
+        if position is None or size not in SIZES or colour not in COLOURS or shape not in SHAPES:
             raise ValueError(f"unparseable caption {caption!r}: unknown word or phrase")
         return cls(shape=shape, colour=colour, size=size, position=position)
 
@@ -204,15 +200,12 @@ def shape_coverage(
     cx = np.asarray(cx, dtype=np.float32)
     cy = np.asarray(cy, dtype=np.float32)
     extent = np.asarray(extent, dtype=np.float32)
-    # Chunks keep the (n, res*ss, res*ss) boolean/float temporaries at a few tens of MB.
+    # Chunks keep the (n, res*ss, res*ss) float temporaries at a few tens of MB.
     chunk = max(1, (1 << 22) // (res * ss) ** 2)
     for sid, name in enumerate(SHAPES):
         idx = np.flatnonzero(shape_ids == sid)
         for start in range(0, idx.size, chunk):
             sel = idx[start : start + chunk]
-            dx = t - cx[sel, None]  # (m, S) along columns
-            dy = t - cy[sel, None]  # (m, S) along rows
-            e = extent[sel, None]
             m = sel.size
             if name == "square":
                 # Separable, so the box-filtered coverage is exact: the product of the per-axis
@@ -221,7 +214,9 @@ def shape_coverage(
                 cov_y = _interval_overlap(cy[sel] - extent[sel], cy[sel] + extent[sel], res)
                 out[sel] = cov_y[:, :, None] * cov_x[:, None, :]
                 continue
-            e3 = e[:, :, None]
+            dx = t - cx[sel, None]  # (m, S) along columns
+            dy = t - cy[sel, None]  # (m, S) along rows
+            e3 = extent[sel, None, None]
             if name == "circle":
                 sdf = np.sqrt(dx[:, None, :] ** 2 + dy[:, :, None] ** 2) - e3
             else:
@@ -326,15 +321,17 @@ def degrade(
     x = np.asarray(images, dtype=np.float32)
     if strength < 0:
         raise ValueError(f"strength must be >= 0, got {strength}")
+    if kind not in DEGRADATIONS:
+        raise ValueError(f"unknown degradation {kind!r}; expected one of {DEGRADATIONS}")
+    if strength == 0:
+        return x.copy()
     if kind == "blur":
         out = gaussian_blur(x, sigma=1.0 * strength)
     elif kind == "noise":
         out = x + rng.normal(0.0, 0.12 * strength, size=x.shape).astype(np.float32)
-    elif kind == "washout":
+    else:  # washout
         factor = max(0.0, 1.0 - 0.5 * strength)
         out = 0.5 + (x - 0.5) * np.float32(factor)
-    else:
-        raise ValueError(f"unknown degradation {kind!r}; expected one of {DEGRADATIONS}")
     return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
 
 

@@ -18,11 +18,16 @@ class TrainConfig:
     """Configuration of one preference-alignment run (any objective, one network)."""
 
     # model and data
-    model_name_or_path: str = ""
+    model_name_or_path: str = ""  # a diffusers pipeline folder or hub id
+    pretrained_vae_model_name_or_path: str | None = None  # e.g. an fp16-safe SDXL VAE
+    revision: str | None = None
+    variant: str | None = None  # e.g. "fp16" weight files
     dataset_name: str = ""
     dataset_split: str | None = None
     output_dir: str = "snpo-output"
     cache_dir: str | None = None  # a latent/text cache written by `snpo cache`
+    cache_shard_size: int = 512  # pairs per cache shard file
+    cache_batch_size: int = 8  # pairs encoded at once by `snpo cache`
     max_train_samples: int | None = None
     drop_ties: bool = True
     resolution: int = 512
@@ -55,7 +60,9 @@ class TrainConfig:
     # model mode and precision
     lora_rank: int = 0
     mixed_precision: str = "no"
+    upcast_vae: bool | None = None  # VAE in float32 under mixed precision; null = the family's rule
     gradient_checkpointing: bool = False
+    allow_tf32: bool = False
 
     # checkpoints, logging, reproducibility
     checkpointing_steps: int = 500
@@ -63,6 +70,7 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None
     logging_steps: int = 1
     report_to: str = "tensorboard"
+    tracker_project_name: str = "snpo"
     seed: int = 0
 
     def validate(self) -> None:
@@ -82,6 +90,8 @@ class TrainConfig:
             ("checkpointing_steps", self.checkpointing_steps >= 0, "an integer >= 0 (0 = only at the end)"),
             ("logging_steps", self.logging_steps >= 1, "an integer >= 1"),
             ("dataloader_num_workers", self.dataloader_num_workers >= 0, "an integer >= 0"),
+            ("cache_shard_size", self.cache_shard_size >= 1, "an integer >= 1"),
+            ("cache_batch_size", self.cache_batch_size >= 1, "an integer >= 1"),
             ("adam_beta1", 0 <= self.adam_beta1 < 1, "a number in [0, 1)"),
             ("adam_beta2", 0 <= self.adam_beta2 < 1, "a number in [0, 1)"),
             ("adam_weight_decay", self.adam_weight_decay >= 0, "a number >= 0"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +28,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, set_seed
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
@@ -75,6 +77,16 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n
 
 
+def cpu_only_launch() -> bool:
+    """True when launched as several processes (torchrun, accelerate) on a machine without
+    an accelerator: accelerate then needs ``cpu=True`` to see the ranks (gloo)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    xpu = getattr(torch, "xpu", None)
+    return not (torch.cuda.is_available() or (xpu is not None and xpu.is_available())
+                or torch.backends.mps.is_available())
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -108,7 +120,15 @@ class Trainer:
         write_logs: bool = True,
         data_report: Callable[[], dict[str, Any]] | None = None,
         model_card: Callable[[Path, dict[str, Any]], None] | None = None,
+        sampler: Sampler[int] | None = None,
+        on_batch: Callable[[dict[str, Any]], None] | None = None,
+        on_train_end: Callable[[Accelerator], None] | None = None,
     ) -> None:
+        """``sampler`` (default: ``EpochShuffleSampler``) must have ``set_epoch`` and depend
+        only on (seed, epoch), so every process sees the same order. ``on_batch(batch)`` sees
+        every micro-batch on every process before the loss (e.g. to count skipped pairs);
+        ``on_train_end(accelerator)`` runs on every process after the last step, before the
+        model is saved (e.g. to gather counts from all processes)."""
         self.config = config
         self.backbone = backbone
         self.dataset = dataset
@@ -121,14 +141,21 @@ class Trainer:
         self.write_logs = write_logs
         self.data_report = data_report
         self.model_card = model_card
+        self.sampler = sampler
+        self.on_batch = on_batch
+        self.on_train_end = on_train_end
 
     # ------------------------------------------------------------------------------------
     def _make_accelerator(self) -> Accelerator:
         c = self.config
+        # a new run in the same process may change the precision: reset the per-run state
+        # (the process group of a multi-process run, PartialState, is kept)
+        AcceleratorState._reset_state()
         log_with = None
         if self.write_logs and c.report_to != "none":
             log_with = ["tensorboard", "wandb"] if c.report_to == "all" else [c.report_to]
         return Accelerator(
+            cpu=cpu_only_launch(),
             gradient_accumulation_steps=c.gradient_accumulation_steps,
             mixed_precision=c.mixed_precision,
             log_with=log_with,
@@ -151,7 +178,16 @@ class Trainer:
     def train(self) -> TrainResult:
         c = self.config
         accelerator = self._make_accelerator()
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > accelerator.num_processes:
+            # each process would train alone and they would overwrite each other's files
+            raise RuntimeError(
+                f"launched as {launched} processes but accelerate sees {accelerator.num_processes}; "
+                "check the launcher and accelerate config (ACCELERATE_USE_CPU=1 on CPU machines)"
+            )
         set_seed(c.seed)
+        if c.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
         output_dir = Path(c.output_dir)
         if accelerator.is_main_process and (self.write_logs or self.save_model):
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -174,11 +210,14 @@ class Trainer:
             c.lr_scheduler, optimizer=optimizer,
             num_warmup_steps=c.lr_warmup_steps * world, num_training_steps=c.max_steps * world,
         )
-        sampler = EpochShuffleSampler(len(self.dataset), c.seed)
+        sampler = self.sampler if self.sampler is not None else EpochShuffleSampler(len(self.dataset), c.seed)
         dataloader = DataLoader(
             self.dataset, batch_size=c.per_device_train_batch_size, sampler=sampler,
             collate_fn=self.collate_fn, drop_last=True, num_workers=c.dataloader_num_workers,
         )
+        if accelerator.distributed_type == DistributedType.FSDP and c.lora_rank > 0:
+            raise ValueError("lora_rank: FSDP shards full fine-tunes (lora_rank 0); train LoRA with DDP "
+                             "(configs/accelerate/multi_gpu.yaml)")
         model, optimizer, dataloader, lr_scheduler = accelerator.prepare(
             self.model, optimizer, dataloader, lr_scheduler
         )
@@ -203,23 +242,40 @@ class Trainer:
 
         if self.write_logs and accelerator.is_main_process and c.report_to != "none":
             tracker_config = {k: v for k, v in config_to_dict(c).items() if v is not None}
-            accelerator.init_trackers("snpo", config=tracker_config)
+            accelerator.init_trackers(c.tracker_project_name, config=tracker_config)
         metrics_file = output_dir / "metrics.jsonl" if self.write_logs else None
 
         result = self._loop(
             accelerator, model, optimizer, lr_scheduler, dataloader, sampler, params,
             global_step, checkpoint_root, metrics_file,
         )
+        if self.on_train_end is not None:
+            self.on_train_end(accelerator)
         accelerator.wait_for_everyone()
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = self._gathered_model(accelerator, model) if self.save_model else None
         if self.save_model and accelerator.is_main_process:
-            self.backbone.save_trained(output_dir, unwrapped)
+            files = self.backbone.save_trained(output_dir, unwrapped)
             if self.model_card is not None:
-                self.model_card(output_dir, {"final_metrics": result.final_metrics,
+                self.model_card(output_dir, {"final_metrics": result.final_metrics, "files": files,
+                                             "global_step": result.global_step,
                                              "data": self.data_report() if self.data_report else None})
         result.output_dir = output_dir
         accelerator.end_training()
         return result
+
+    def _gathered_model(self, accelerator: Accelerator, model: nn.Module) -> nn.Module:
+        """The trained denoiser with full weights on the main process. Under FSDP the
+        parameters are sharded: gather a full state dict (every process takes part) into a
+        fresh copy built from the model's config."""
+        unwrapped = accelerator.unwrap_model(model)
+        if accelerator.distributed_type != DistributedType.FSDP:
+            return unwrapped
+        state = accelerator.get_state_dict(model)
+        if not accelerator.is_main_process:
+            return unwrapped
+        full = type(unwrapped).from_config(unwrapped.config)
+        full.load_state_dict(state)
+        return full
 
     def _check_resumable(self, state: dict[str, Any]) -> None:
         """Refuse a checkpoint written by another model or objective."""
@@ -272,7 +328,7 @@ class Trainer:
             )
         result = TrainResult(global_step=global_step)
         progress = tqdm(
-            total=c.max_steps, initial=global_step, desc=f"train {c.objective}",
+            total=c.max_steps, initial=global_step, desc=getattr(self.method, "progress_name", f"train {c.objective}"),
             disable=not (self.show_progress and accelerator.is_local_main_process), dynamic_ncols=True,
         )
         # closed in the `finally` below; a context manager would not cover the early raise paths
@@ -289,6 +345,8 @@ class Trainer:
                 sampler.set_epoch(epoch)
                 if hasattr(dataloader, "set_epoch"):
                     dataloader.set_epoch(epoch)
+                if hasattr(self.dataset, "set_epoch"):  # per-epoch random crops and flips
+                    self.dataset.set_epoch(epoch)
                 skip = offset * accum
                 epoch_loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
                 micro_metrics: list[dict[str, Tensor]] = []
@@ -300,11 +358,21 @@ class Trainer:
                         pair_seed(c.seed, global_step, (micro * world + rank) * batch + i)
                         for i in range(batch)
                     ]
+                    if self.on_batch is not None:
+                        self.on_batch(data)
+                    empty = isinstance(data, dict) and data.get("size", 1) == 0
+                    if empty and world > 1:
+                        # every process must join each gradient all-reduce: it cannot skip
+                        raise RuntimeError(
+                            "an empty batch (every pair unreadable) in multi-process training; "
+                            "use a dataset that substitutes unreadable pairs"
+                        )
                     with accelerator.accumulate(model):
-                        with accelerator.autocast():
-                            loss, metrics = self.method.compute_loss(model, data, seeds)
-                        accelerator.backward(loss)
-                        micro_metrics.append(metrics)
+                        if not empty:  # one process: an empty micro-batch adds no gradient
+                            with accelerator.autocast():
+                                loss, metrics = self.method.compute_loss(model, data, seeds)
+                            accelerator.backward(loss)
+                            micro_metrics.append(metrics)
                         grad_norm = None
                         if accelerator.sync_gradients:
                             grad_norm = self._clip(accelerator, params)
@@ -375,10 +443,11 @@ class Trainer:
             return True
         return step == c.max_steps and c.checkpointing_steps > 0
 
-    def _clip(self, accelerator: Accelerator, params: list[nn.Parameter]) -> float:
+    def _clip(self, accelerator: Accelerator, params: list[nn.Parameter]) -> float | None:
         c = self.config
         if c.max_grad_norm > 0:
-            return float(accelerator.clip_grad_norm_(params, c.max_grad_norm))
+            norm = accelerator.clip_grad_norm_(params, c.max_grad_norm)
+            return None if norm is None else float(norm)  # None: DeepSpeed clips inside its engine
         grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
         return float(torch.stack(grads).norm()) if grads else 0.0
 

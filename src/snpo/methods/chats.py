@@ -1,0 +1,249 @@
+"""CHATS (dual model): a ``win`` network fit to the chosen images and a ``lose`` network fit
+to the rejected ones, trained jointly against the frozen reference, and sampled with a
+proxy prompt for the lose network.
+
+Training (METHOD.md; CHATS' ``train.py``). For each pair, ONE noise and ONE timestep shared by
+both images (drawn from the pair's seed exactly as the single-network methods draw them, so
+all methods see the same noise); ``win`` sees the chosen image with the prompt, ``lose`` the
+rejected image with the prompt replaced by ZEROS with probability ``lose_prompt_dropout``
+(0.5), and the reference sees each image with the same condition as its network::
+
+    z = -(beta/2) * ((e_win[w] - e_ref[w]) + (e_lose[l] - e_ref[l]))   (snpo.objectives_chats)
+
+Choices where METHOD.md is silent, each following CHATS' code:
+- "zeros" means literal zeros (``torch.zeros_like``) for every condition entry but the SDXL
+  micro-conditioning ``time_ids`` (image size and crop, not prompt information); CHATS
+  zeroes ``prompt_embeds`` and the pooled ``text_embeds``. ``lose_null="null"`` uses the
+  backbone's null condition instead (identical for SDXL's ``force_zeros_for_empty_prompt``).
+- The reference's error on the rejected image uses the lose network's (possibly zeroed)
+  condition, so ``e_lose - e_ref`` compares like with like.
+- One difference: CHATS flips ONE coin per batch; here each pair draws its own (from its
+  seed), which has the same marginal rate and keeps the trainer's batch-split invariance.
+
+Both networks live in one :class:`DualDenoiser` so accelerate prepares ONE module and a DDP
+step is one forward and one backward through the wrapper (calling submodules directly would
+skip DDP's gradient synchronisation).
+
+Sampling (CHATS' ``pipeline.py``), with ``null`` the backbone's null condition::
+
+    proxy = (1 + a) null - a c          (a = 0.5; every entry but time_ids, which stays c's)
+    eps   = eps_win(x, c) + s * (eps_win(x, c) - eps_lose(x, proxy))
+
+Note ``s`` multiplies ``eps_win - eps_lose`` added ON TOP of ``eps_win``: CHATS' ``s`` acts
+like plain CFG's ``s + 1``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from snpo.backbones.base import (
+    Backbone,
+    Condition,
+    cat_conditions,
+    per_sample_mse,
+    select_condition,
+)
+from snpo.methods.single import draw_pair_noise
+from snpo.objectives_chats import chats_loss
+from snpo.sampling import Guide
+
+#: Condition entries that are image micro-conditioning, not prompt: never zeroed or mixed.
+UNMIXED_KEYS = frozenset({"time_ids"})
+LOSE_NULLS = ("zeros", "null")
+
+
+class DualDenoiser(nn.ModuleDict):
+    """``{"win": ..., "lose": ...}`` with a forward, so DDP wraps one module.
+
+    ``model(win=fn, lose=fn)`` returns ``{"win": fn(win_net), "lose": fn(lose_net)}``: each
+    ``fn`` runs its network (e.g. ``lambda net: backbone.predict(net, x, t, cond)``).
+    """
+
+    def __init__(self, win: nn.Module, lose: nn.Module) -> None:
+        super().__init__({"win": win, "lose": lose})
+
+    def forward(self, **calls: Callable[[nn.Module], Tensor]) -> dict[str, Tensor]:
+        return {name: fn(self[name]) for name, fn in calls.items()}
+
+
+def prepare_chats(
+    backbone: Backbone, *, lora_rank: int = 0, gradient_checkpointing: bool = False
+) -> tuple[DualDenoiser, list[nn.Parameter]]:
+    """Both networks start from the reference: ``win`` is ``backbone.denoiser`` (prepared as
+    usual, so ``backbone.reference()`` is the frozen copy, or the adapters-off network),
+    ``lose`` a deep copy of it. Returns the dual module and the trainable parameters of both,
+    for ``Trainer(..., model=dual, trainable_parameters=params)``."""
+    win_params = backbone.prepare_for_training(
+        lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing
+    )
+    win = backbone.denoiser
+    lose = copy.deepcopy(win)  # LoRA: B = 0 at init, so both equal the reference
+    lose_params = [p for p in lose.parameters() if p.requires_grad]
+    return DualDenoiser(win, lose), [*win_params, *lose_params]
+
+
+def zero_condition(cond: Condition) -> Condition:
+    """Every entry replaced by zeros, except :data:`UNMIXED_KEYS` (kept as they are)."""
+    return {k: v if k in UNMIXED_KEYS else torch.zeros_like(v) for k, v in cond.items()}
+
+
+def proxy_condition(cond: Condition, null: Condition, alpha: float = 0.5) -> Condition:
+    """CHATS' proxy prompt: ``(1 + alpha) null - alpha cond`` per entry; ``time_ids`` from ``cond``."""
+    return {
+        k: v if k in UNMIXED_KEYS else (1 + alpha) * null[k].to(v.dtype) - alpha * v
+        for k, v in cond.items()
+    }
+
+
+@dataclass
+class ChatsErrors:
+    """Per-pair errors of one CHATS step, and which pairs had the lose prompt zeroed."""
+
+    err_win_chosen: Tensor
+    err_lose_rejected: Tensor
+    ref_err_chosen: Tensor
+    ref_err_rejected: Tensor
+    prompt_zeroed: Tensor
+
+
+def chats_pair_errors(
+    backbone: Backbone,
+    model: nn.Module,
+    chosen: Tensor,
+    rejected: Tensor,
+    cond: Condition,
+    noise: Tensor,
+    timesteps: Tensor,
+    prompt_zeroed: Tensor,
+    *,
+    lose_null: str = "zeros",
+) -> ChatsErrors:
+    """Win on chosen, lose on rejected (blank prompt where ``prompt_zeroed``), reference on both.
+
+    ``model`` is a :class:`DualDenoiser` or a DDP/accelerate wrapper of one; ``cond`` has 2B
+    rows (chosen images first), as ``Backbone.encode_batch`` returns it.
+    """
+    n = chosen.shape[0]
+    cond_chosen = {k: v[:n] for k, v in cond.items()}
+    cond_rejected = {k: v[n:] for k, v in cond.items()}
+    if lose_null == "zeros":
+        blank = zero_condition(cond_rejected)
+    elif lose_null == "null":
+        blank = backbone.null_condition(cond_rejected)
+    else:
+        raise ValueError(f"lose_null: expected one of {', '.join(LOSE_NULLS)}, got {lose_null!r}")
+    cond_lose = select_condition(prompt_zeroed, blank, cond_rejected)
+
+    noisy_chosen = backbone.add_noise(chosen, noise, timesteps)
+    noisy_rejected = backbone.add_noise(rejected, noise, timesteps)
+    target_chosen = backbone.training_target(chosen, noise, timesteps)
+    target_rejected = backbone.training_target(rejected, noise, timesteps)
+
+    predictions = model(
+        win=lambda net: backbone.predict(net, noisy_chosen, timesteps, cond_chosen),
+        lose=lambda net: backbone.predict(net, noisy_rejected, timesteps, cond_lose),
+    )
+    err_win = per_sample_mse(predictions["win"], target_chosen)
+    err_lose = per_sample_mse(predictions["lose"], target_rejected)
+    with backbone.reference() as reference:
+        ref_pred = backbone.predict(
+            reference,
+            torch.cat([noisy_chosen, noisy_rejected]),
+            torch.cat([timesteps, timesteps]),
+            cat_conditions(cond_chosen, cond_lose),
+        )
+        ref_err = per_sample_mse(ref_pred, torch.cat([target_chosen, target_rejected]))
+    ref_chosen, ref_rejected = ref_err.chunk(2)
+    return ChatsErrors(err_win, err_lose, ref_chosen, ref_rejected, prompt_zeroed)
+
+
+class ChatsMethod:
+    """CHATS training: ``compute_loss(model, batch, pair_seeds)`` with ``model`` a (wrapped)
+    :class:`DualDenoiser` from :func:`prepare_chats`."""
+
+    name = "chats"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        beta: float = 2000.0,
+        lose_prompt_dropout: float = 0.5,
+        *,
+        lose_null: str = "zeros",
+    ) -> None:
+        if not 0 <= lose_prompt_dropout <= 1:
+            raise ValueError(
+                f"lose_prompt_dropout: expected a probability in [0, 1], got {lose_prompt_dropout!r}"
+            )
+        if lose_null not in LOSE_NULLS:
+            raise ValueError(
+                f"lose_null: expected one of {', '.join(LOSE_NULLS)}, got {lose_null!r}"
+            )
+        self.backbone = backbone
+        self.beta = beta
+        self.lose_prompt_dropout = lose_prompt_dropout
+        self.lose_null = lose_null
+
+    def compute_loss(
+        self, model: nn.Module, batch: dict[str, Any], pair_seeds: list[int]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        chosen, rejected, cond = self.backbone.encode_batch(batch)
+        noise, timesteps, zeroed = draw_pair_noise(
+            self.backbone, chosen, self.lose_prompt_dropout, pair_seeds
+        )
+        errors = chats_pair_errors(
+            self.backbone,
+            model,
+            chosen,
+            rejected,
+            cond,
+            noise,
+            timesteps,
+            zeroed,
+            lose_null=self.lose_null,
+        )
+        return chats_loss(
+            errors.err_win_chosen,
+            errors.err_lose_rejected,
+            errors.ref_err_chosen,
+            errors.ref_err_rejected,
+            beta=self.beta,
+            prompt_zeroed=errors.prompt_zeroed,
+        )
+
+
+def chats_guide(
+    backbone: Backbone,
+    win_model: nn.Module,
+    lose_model: nn.Module,
+    guidance_scale: float,
+    proxy_alpha: float = 0.5,
+) -> Guide:
+    """``eps = eps_win(x, c) + s (eps_win(x, c) - eps_lose(x, (1 + a) null - a c))``."""
+
+    def guide(latents: Tensor, t: Tensor, cond: Condition, null: Condition) -> Tensor:
+        win = backbone.predict(win_model, latents, t, cond)
+        if guidance_scale == 0:
+            return win
+        lose = backbone.predict(lose_model, latents, t, proxy_condition(cond, null, proxy_alpha))
+        return win + guidance_scale * (win - lose)
+
+    return guide
+
+
+def save_chats(backbone: Backbone, dual: nn.Module, output_dir: str) -> dict[str, list[str]]:
+    """Save both networks the backbone's way, under ``output_dir/win`` and ``output_dir/lose``.
+
+    (The trainer's own final save expects one denoiser: run CHATS with ``save_model=False``
+    and call this on ``accelerator.unwrap_model(model)``, or on the dual module itself.)
+    """
+    return {
+        name: backbone.save_trained(f"{output_dir}/{name}", dual[name]) for name in ("win", "lose")
+    }
