@@ -465,3 +465,18 @@ def test_bradley_terry_temperature_zero_and_errors():
         bradley_terry_labels(s0, s1[:2], temperature=0.1, rng=np.random.default_rng(0))
     with pytest.raises(ValueError):
         bradley_terry_labels(s0, s1, temperature=0.1)
+
+
+def test_edge_sharpness_separates_blur_from_noise():
+    """Blur lowers edge sharpness; noise raises high-frequency energy but not blur."""
+    from snpo.toy.judges import edge_sharpness, high_frequency_energy
+    from snpo.toy.scenes import all_scenes, degrade, render
+
+    rng = np.random.default_rng(0)
+    clean = render(all_scenes()[:40], 16)
+    blurred = degrade(clean, "blur", rng, strength=1.2)
+    noisy = degrade(clean, "noise", rng, strength=0.5)
+    assert abs(np.mean(edge_sharpness(clean)) - 1.0) < 0.05  # normalised by all clean renders
+    assert np.mean(edge_sharpness(blurred)) < 0.8 * np.mean(edge_sharpness(clean))
+    assert np.mean(edge_sharpness(noisy)) > 0.8 * np.mean(edge_sharpness(clean))
+    assert np.mean(high_frequency_energy(noisy)) > 2 * np.mean(high_frequency_energy(clean))

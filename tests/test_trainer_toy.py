@@ -130,3 +130,47 @@ def test_resume_replays_exactly(tiny_toy, tmp_path):
     a, b = straight.denoiser.state_dict(), second.denoiser.state_dict()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def _predict(backbone, model):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 12, 4, 4, generator=g)
+    t = torch.tensor([10, 60])
+    with torch.no_grad():
+        return backbone.predict(model, x, t, backbone.encode_prompts(["a red square", "a blue circle"]))
+
+
+def test_lora_result_saves_as_a_plain_model_that_predicts_the_same(tiny_toy, tmp_path):
+    from snpo.backbones.toy import ToyBackbone
+
+    data = colour_pairs(8)
+    config = TrainConfig(output_dir=str(tmp_path / "lora"), max_steps=4, per_device_train_batch_size=4,
+                         learning_rate=1e-2, beta=500.0, objective="snpo", lora_rank=4,
+                         checkpointing_steps=0, report_to="none")
+    method = SingleNetworkMethod(tiny_toy, config.objective_config, 0.3)
+    Trainer(config, tiny_toy, data, method, collate_fn=stack_batch, show_progress=False,
+            save_model=True, write_logs=False).train()
+    trained = _predict(tiny_toy, tiny_toy.denoiser)
+    with tiny_toy.reference() as reference:
+        base = _predict(tiny_toy, reference)
+    loaded = ToyBackbone.from_pretrained(tmp_path / "lora")
+    assert not any("lora" in k for k in loaded.denoiser.state_dict())
+    assert torch.allclose(_predict(loaded, loaded.denoiser), trained, atol=1e-5)
+    assert not torch.allclose(trained, base, atol=1e-4)
+
+
+def test_chats_run_saves_both_networks_through_the_trainer(tiny_toy, tmp_path):
+    from snpo.backbones.toy import ToyBackbone
+    from snpo.methods.chats import ChatsMethod, prepare_chats
+
+    dual, params = prepare_chats(tiny_toy)
+    config = TrainConfig(output_dir=str(tmp_path / "chats"), max_steps=3, per_device_train_batch_size=4,
+                         learning_rate=1e-2, beta=500.0, objective="dpo", cfg_dropout=0.0,
+                         checkpointing_steps=0, report_to="none")
+    Trainer(config, tiny_toy, colour_pairs(8), ChatsMethod(tiny_toy, 500.0), model=dual,
+            trainable_parameters=params, collate_fn=stack_batch, show_progress=False,
+            save_model=True, write_logs=False).train()
+    for name in ("win", "lose"):
+        loaded = ToyBackbone.from_pretrained(tmp_path / "chats" / name)
+        assert torch.allclose(_predict(loaded, loaded.denoiser), _predict(tiny_toy, dual[name]), atol=1e-6)
+    assert not torch.allclose(_predict(tiny_toy, dual["win"]), _predict(tiny_toy, dual["lose"]))

@@ -173,7 +173,13 @@ class ToyBackbone(Backbone):
         """Save a whole toy model folder (the toy is small enough to copy entirely)."""
         denoiser = denoiser or self.denoiser
         if self.lora_rank > 0:
-            denoiser = denoiser.merge_and_unload() if hasattr(denoiser, "merge_and_unload") else denoiser
+            # fold the adapters into plain weights (base + scale * B @ A): the toy folder
+            # holds a whole UNet that loads without peft
+            from snpo.merging import effective_state_dict
+
+            folded = UNet2DConditionModel.from_config(denoiser.config)
+            folded.load_state_dict(effective_state_dict(denoiser))
+            denoiser = folded
         self.save_pretrained(output_dir, denoiser)
         return ["model_index.json", "unet", "text_encoder", "tokenizer", "scheduler"]
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -217,6 +218,12 @@ class ChatsMethod:
             beta=self.beta,
             prompt_zeroed=errors.prompt_zeroed,
         )
+
+
+    def save_trained(self, output_dir: str | Path, dual: nn.Module) -> list[str]:
+        """Called by the trainer at the end: both networks, the backbone's way."""
+        saved = save_chats(self.backbone, dual, str(output_dir))
+        return [f"{name}/{f}" for name, files in saved.items() for f in files]
 
 
 def chats_guide(

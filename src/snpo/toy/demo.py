@@ -31,7 +31,12 @@ from snpo.objectives import ObjectiveConfig
 from snpo.sampling import SamplingConfig, sample_images, single_network_guide
 from snpo.toy import scenes as S
 from snpo.toy.data import stack_batch
-from snpo.toy.judges import high_frequency_energy, make_heldout_judge, make_label_judge
+from snpo.toy.judges import (
+    edge_sharpness,
+    high_frequency_energy,
+    make_heldout_judge,
+    make_label_judge,
+)
 from snpo.toy.world import (
     ToyWorldConfig,
     load_or_make_pairs,
@@ -50,7 +55,8 @@ class RunSpec:
     objective: str
     mix_lambda: float = 0.9
     mix_scale: float | None = None
-    group: str = "main"  # main | mix_scale | lambda
+    group: str = "main"  # main | mix_scale | lambda | cfg_dropout
+    cfg_dropout: float | None = None  # None: the demo's cfg_dropout
 
 
 @dataclass
@@ -71,12 +77,13 @@ class DemoConfig:
     # alignment (the same for every method)
     train_steps: int = 300
     batch_size: int = 16
-    learning_rate: float = 1e-4
-    beta: float = 2000.0
+    learning_rate: float = 1e-5  # chosen on the DPO baseline (docs/toy.md)
+    beta: float = 100.0  # chosen on the DPO baseline (docs/toy.md)
     mix_lambda: float = 0.9
     cfg_dropout: float = 0.1
     methods: tuple[str, ...] = ("sft", "dpo", "bdpo", "snpo-naive", "snpo")
-    lambda_sweep: tuple[float, ...] = (0.5, 0.8, 0.95, 0.99)
+    lambda_sweep: tuple[float, ...] = (0.5, 0.99)  # with mix_lambda (0.9) and snpo-naive (1.0)
+    cfg_dropout_ablation: tuple[float, ...] = (0.5,)  # snpo and dpo again at each of these p
     mix_scale_ablation: bool = True
     dual_baselines: bool = True  # Diff-NPO (before and after merging) and CHATS
     npo_merge_a: float = 1.0  # theta_neg = ref + a (pos - ref) + b (npo - ref); public code: b = 1
@@ -96,8 +103,9 @@ class DemoConfig:
         ObjectiveConfig("snpo", self.beta, self.mix_lambda, None)
         for lam in self.lambda_sweep:
             ObjectiveConfig("snpo", self.beta, lam, None)
-        if not 0 <= self.cfg_dropout < 1:
-            raise ValueError(f"cfg_dropout: expected a probability in [0, 1), got {self.cfg_dropout!r}")
+        for name, p in [("cfg_dropout", self.cfg_dropout)] + [("cfg_dropout_ablation", q) for q in self.cfg_dropout_ablation]:
+            if not 0 <= p < 1:
+                raise ValueError(f"{name}: expected a probability in [0, 1), got {p!r}")
         for name in ("train_steps", "batch_size", "eval_seeds", "sampling_steps", "pretrain_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)!r}")
@@ -119,6 +127,12 @@ class DemoConfig:
         for lam in self.lambda_sweep:
             if lam not in (self.mix_lambda, 1.0):
                 runs.append(RunSpec(f"snpo (lambda={lam:g})", "snpo", lam, None, "lambda"))
+        for p in self.cfg_dropout_ablation:
+            if p != self.cfg_dropout:
+                for objective in ("snpo", "dpo"):
+                    if objective in self.methods:
+                        runs.append(RunSpec(f"{objective} (p={p:g})", objective, self.mix_lambda, None,
+                                            "cfg_dropout", cfg_dropout=p))
         return runs
 
 
@@ -126,7 +140,7 @@ class DemoConfig:
 QUICK_OVERRIDES = {
     "pretrain_steps": 120, "pretrain_images": 2000, "pairs_per_prompt": 2, "heldout_prompts": 6,
     "heldout_pairs_per_prompt": 2, "pair_sampling_steps": 8, "train_steps": 8, "batch_size": 8,
-    "lambda_sweep": (0.5,), "eval_seeds": 2, "eval_prompts": 4, "implicit_draws": 2, "grid_prompts": 4,
+    "lambda_sweep": (0.5,), "cfg_dropout_ablation": (), "eval_seeds": 2, "eval_prompts": 4, "implicit_draws": 2, "grid_prompts": 4,
 }
 
 
@@ -137,7 +151,8 @@ class ModelEval:
     images: torch.Tensor  # (seeds * prompts, 3, H, W), seed-major
     label: np.ndarray  # (seeds, prompts)
     heldout: np.ndarray  # (seeds, prompts)
-    hf_ratio: float
+    hf_ratio: float  # high-frequency energy / renders: detail AND noise
+    sharpness: float  # edge sharpness / renders: lower = blurrier
     null_accuracy: dict | None = None
     sampling_seconds: float = 0.0
 
@@ -172,10 +187,11 @@ class Evaluator:
         label = np.asarray(self.label_judge(images, self.all_prompts)).reshape(shape)
         heldout = np.asarray(self.heldout_judge(images, self.all_prompts)).reshape(shape)
         hf = float(high_frequency_energy(images).mean()) / self.render_hf
+        sharpness = float(edge_sharpness(images).mean())
         null_acc = None
         if with_null_accuracy:
             null_acc = self.null_accuracy(null_model if null_model is not None else model)
-        return ModelEval(images, label, heldout, hf, null_acc, seconds / len(self.all_prompts))
+        return ModelEval(images, label, heldout, hf, sharpness, null_acc, seconds / len(self.all_prompts))
 
     def null_accuracy(self, model: torch.nn.Module) -> dict:
         pairs = self.heldout_pairs.dataset()
@@ -224,8 +240,9 @@ def train_single(spec: RunSpec, reference_dir: Path, pairs, config: DemoConfig, 
     """Align a fresh copy of the reference with one single-network objective."""
     backbone = ToyBackbone.from_pretrained(reference_dir)
     train_config = alignment_config(config, reference_dir, out_dir, objective=spec.objective,
-                                    mix_lambda=spec.mix_lambda, mix_scale=spec.mix_scale)
-    method = SingleNetworkMethod(backbone, train_config.objective_config, config.cfg_dropout)
+                                    mix_lambda=spec.mix_lambda, mix_scale=spec.mix_scale,
+                                    cfg_dropout=spec.cfg_dropout)
+    method = SingleNetworkMethod(backbone, train_config.objective_config, train_config.cfg_dropout)
     return _train(backbone, train_config, method, pairs, config)
 
 

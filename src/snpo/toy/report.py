@@ -56,6 +56,7 @@ def summarise(evals: dict, histories: dict, run_info: dict) -> dict[str, dict]:
             "win_label": win_rate(ev.label, ref.label) if name != "reference" else None,
             "win_heldout": win_rate(ev.heldout, ref.heldout) if name != "reference" else None,
             "hf_ratio": ev.hf_ratio,
+            "sharpness": ev.sharpness,
             "null_accuracy": ev.null_accuracy["accuracy"] if ev.null_accuracy else None,
             "sampling_seconds_per_image": ev.sampling_seconds,
         }
@@ -119,15 +120,15 @@ def claims(rows: dict[str, dict]) -> list[tuple[str, str, str]]:
         naive, bounded = rows["snpo-naive"], rows["snpo"]
         falls = naive["final_logratio_chosen"] < 0
         lower = naive["final_logratio_chosen"] < bounded["final_logratio_chosen"]
-        blurs = naive["hf_ratio"] < bounded["hf_ratio"]
+        blurs = naive["sharpness"] < bounded["sharpness"]
         verdict = "reproduced" if (falls and lower and blurs) else "partly reproduced" if (lower or blurs) else "not reproduced"
         out.append((
             "Naive SNPO (lambda = 1) lowers the winner's likelihood and blurs; the bounded loser term prevents it.",
             verdict,
             f"logratio/chosen over the last 20% of training: naive {naive['final_logratio_chosen']:+.2e}, "
-            f"bounded {bounded['final_logratio_chosen']:+.2e}; high-frequency energy vs real renders: naive "
-            f"{naive['hf_ratio']:.3f}, bounded {bounded['hf_ratio']:.3f}. Rule: naive logratio/chosen < 0 "
-            "and below bounded, and naive blurrier.",
+            f"bounded {bounded['final_logratio_chosen']:+.2e}; edge sharpness vs clean renders (lower = blurrier): "
+            f"naive {naive['sharpness']:.3f}, bounded {bounded['sharpness']:.3f}. Rule: naive logratio/chosen < 0 "
+            "and below bounded, and naive edges less sharp.",
         ))
     if {"snpo", "bdpo"} <= have:
         verdict = _compare(rows["snpo"], rows["bdpo"])
@@ -209,9 +210,9 @@ def mix_scale_statement(rows: dict[str, dict]) -> str | None:
         return None
     a, b = rows["snpo"], rows[name]
     return (
-        f"k = beta/2: logratio/chosen {a['final_logratio_chosen']:+.2e}, blur ratio {a['hf_ratio']:.3f}, "
+        f"k = beta/2: logratio/chosen {a['final_logratio_chosen']:+.2e}, edge sharpness {a['sharpness']:.3f}, "
         f"label judge {a['label_mean']:.3f}, held-out judge {a['heldout_mean']:.3f}. "
-        f"k = 1: logratio/chosen {b['final_logratio_chosen']:+.2e}, blur ratio {b['hf_ratio']:.3f}, "
+        f"k = 1: logratio/chosen {b['final_logratio_chosen']:+.2e}, edge sharpness {b['sharpness']:.3f}, "
         f"label judge {b['label_mean']:.3f}, held-out judge {b['heldout_mean']:.3f}. "
         f"Comparison of k = beta/2 against k = 1 on the judges: {_compare(a, b)}."
     )
@@ -249,19 +250,22 @@ def write_report(out: Path, config, world, train_pairs, heldout_pairs, evals, hi
     footprints = footprints or {}
     main = ["reference"] + [n for n in rows if rows[n].get("group") in ("main", "dual")]
     header = ["method", "label judge", "held-out judge", "win vs ref (label)", "win vs ref (held-out)",
-              "blur: HF energy / renders", "null-branch implicit acc.", "logratio/chosen (end)", "train s"]
+              "edge sharpness / renders", "HF energy / renders", "null-branch implicit acc.",
+              "logratio/chosen (end)", "train s"]
 
     def table_row(name: str) -> list[str]:
         r, ev = rows[name], evals[name]
         return [
             name, fmt_mean_std(ev.label.mean(axis=1)), fmt_mean_std(ev.heldout.mean(axis=1)),
-            fmt(r["win_label"], percent=True), fmt(r["win_heldout"], percent=True), fmt(r["hf_ratio"]),
+            fmt(r["win_label"], percent=True), fmt(r["win_heldout"], percent=True), fmt(r["sharpness"]),
+            fmt(r["hf_ratio"]),
             fmt(r["null_accuracy"], percent=True),
             f"{r['final_logratio_chosen']:+.2e}" if "final_logratio_chosen" in r else "n/a",
             f"{r['train_seconds']:.0f}" if "train_seconds" in r else "n/a",
         ]
 
     ablation = [n for n in rows if rows[n].get("group") == "mix_scale"]
+    p_rows = [n for n in rows if rows[n].get("group") == "cfg_dropout"]
     lam_names = sorted(
         [n for n in rows if rows[n].get("group") == "lambda"] + [n for n in ("snpo", "snpo-naive") if n in rows],
         key=lambda n: _lambda_of(n, run_info),
@@ -270,10 +274,11 @@ def write_report(out: Path, config, world, train_pairs, heldout_pairs, evals, hi
     for name in rows:
         r = rows[name]
         csv_rows.append([name, r.get("group", "reference"), r["label_mean"], r["label_std"], r["heldout_mean"],
-                         r["heldout_std"], r["win_label"], r["win_heldout"], r["hf_ratio"], r["null_accuracy"],
+                         r["heldout_std"], r["win_label"], r["win_heldout"], r["sharpness"], r["hf_ratio"],
+                         r["null_accuracy"],
                          r.get("final_logratio_chosen"), r.get("train_seconds")])
     write_csv(out / "results.csv", ["method", "group", "label_mean", "label_std", "heldout_mean", "heldout_std",
-                                    "win_label", "win_heldout", "hf_ratio", "null_accuracy",
+                                    "win_label", "win_heldout", "sharpness", "hf_ratio", "null_accuracy",
                                     "final_logratio_chosen", "train_seconds"], csv_rows)
 
     # figures
@@ -316,8 +321,9 @@ def write_report(out: Path, config, world, train_pairs, heldout_pairs, evals, hi
           f"Evaluation: {len(eval_prompts)} held-out prompts x {config.eval_seeds} seeds, DDIM {config.sampling_steps} steps, "
           f"CFG {config.guidance_scale:g}. Scores are mean ± std over seeds (each seed's mean over prompts). "
           "The label judge labelled the training pairs; the held-out judge never saw training and catches reward hacking. "
-          "Blur is the samples' high-frequency (Laplacian) energy relative to clean renders of the same prompts "
-          "(lower = blurrier). The null-branch implicit accuracy is measured on reversed held-out pairs "
+          "Edge sharpness is the segmented shape's edge gradient relative to clean renders (1 = as sharp, lower = "
+          "blurrier); HF energy is the mean squared Laplacian relative to clean renders (it rises with detail AND "
+          "with noise, so it is not a blur measure on its own). The null-branch implicit accuracy is measured on reversed held-out pairs "
           f"({len(heldout_pairs.prompts)} pairs, {config.implicit_draws} noise draws each); 50% = no preference.\n",
           "## Results\n", markdown_table(header, [table_row(n) for n in main]), "",
           "## Which of the paper's claims this run reproduced\n"]
@@ -345,6 +351,11 @@ def write_report(out: Path, config, world, train_pairs, heldout_pairs, evals, hi
         md += ["## mix_scale ablation (the likelihood scale k of the bounded term)\n",
                markdown_table(header, [table_row(n) for n in ["snpo", *ablation] if n in rows]), "",
                mix_scale_statement(rows) or "", ""]
+    if p_rows:
+        md += ["## cfg_dropout (p) ablation\n",
+               f"p is the share of pairs trained on the null branch (reversed for SNPO). Main rows use p = "
+               f"{config.cfg_dropout:g}; these rerun SNPO and DPO with a larger p, same budget otherwise.\n",
+               markdown_table(header, [table_row(n) for n in ["snpo", "dpo", *p_rows] if n in rows]), ""]
     if lam_names:
         md += ["## mix_lambda sweep (SNPO)\n",
                markdown_table(["mix_lambda", *header[1:]], [[f"{_lambda_of(n, run_info):g}", *table_row(n)[1:]] for n in lam_names]),

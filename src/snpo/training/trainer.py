@@ -254,7 +254,9 @@ class Trainer:
         accelerator.wait_for_everyone()
         unwrapped = self._gathered_model(accelerator, model) if self.save_model else None
         if self.save_model and accelerator.is_main_process:
-            files = self.backbone.save_trained(output_dir, unwrapped)
+            # a method with several networks (CHATS) saves them its own way
+            save = getattr(self.method, "save_trained", None)
+            files = save(output_dir, unwrapped) if save else self.backbone.save_trained(output_dir, unwrapped)
             if self.model_card is not None:
                 self.model_card(output_dir, {"final_metrics": result.final_metrics, "files": files,
                                              "global_step": result.global_step,
