@@ -27,8 +27,10 @@ from PIL import Image
 
 RGB = tuple[int, int, int]
 
-PICKAPIC_BAD_KINDS = ("unreadable_image", "empty_caption", "bad_label", "duplicate_pair")
-LOCAL_BAD_KINDS = ("unreadable_image", "empty_caption", "duplicate_pair", "malformed_row")
+PICKAPIC_BAD_KINDS = ("unreadable_image", "empty_caption", "bad_label", "duplicate_pair", "overlong_caption")
+LOCAL_BAD_KINDS = ("unreadable_image", "empty_caption", "duplicate_pair", "malformed_row", "overlong_caption")
+# An over-long caption: longer than TrainConfig.max_caption_chars (2000) by default.
+OVERLONG_CAPTION_CHARS = 3000
 # Injected defects cycle through these variants, so that every variant gets exercised.
 EMPTY_CAPTIONS = ("", "   ", None)
 BAD_LABELS = ((2.0, -1.0), (math.nan, math.nan), (1.0, 1.0), (0.3, 0.7), (None, None))
@@ -67,6 +69,20 @@ class FixtureInfo:
     def by_caption(self, caption: str) -> FixtureRow:
         """The first row with this caption (duplicates share the caption of their original)."""
         return next(r for r in self.rows if r.caption == caption)
+
+
+def overlong_caption(row: int) -> str:
+    """A caption of ``OVERLONG_CAPTION_CHARS`` characters (distinct per row)."""
+    head = f"prompt {row} "
+    return head + "x" * (OVERLONG_CAPTION_CHARS - len(head))
+
+
+def zero_byte_shard(path: str | Path) -> Path:
+    """An empty file with a parquet name: what a cut-off upload or a full disk leaves."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
 
 
 def solid_image(rgb: RGB, size: tuple[int, int] = (24, 32)) -> Image.Image:
@@ -162,6 +178,8 @@ def make_pickapic_parquet(
             win = None
         elif kind == "empty_caption":
             caption = EMPTY_CAPTIONS[variant[kind] % len(EMPTY_CAPTIONS)]
+        elif kind == "overlong_caption":
+            caption = overlong_caption(r)
         elif kind == "bad_label":
             label_0, label_1 = BAD_LABELS[variant[kind] % len(BAD_LABELS)]
         elif kind == "unreadable_image":
@@ -257,6 +275,8 @@ def make_local_pairs(
         solid_image(loser, image_size).save(folder / rejected)
         if kind == "empty_caption":
             prompt = EMPTY_CAPTIONS[var % 2]  # None cannot be told from "" in a CSV
+        elif kind == "overlong_caption":
+            prompt = overlong_caption(r)
         elif kind == "unreadable_image":
             mode = BAD_FILES[var % len(BAD_FILES)]
             target = folder / chosen

@@ -4,6 +4,10 @@
     snpo train --config FILE.yaml [--key value ...]
     snpo cache --config FILE.yaml [--key value ...]      (the same config as train)
     snpo merge --reference PATH --positive PATH --negative PATH [--a 1.0] [--b 1.0] --output_dir OUT
+    snpo sample --model_name_or_path M [--lora DIR | --unet DIR | --chats DIR] [--npo_negative DIR]
+                --prompts SET [--seeds 0,1,2,3] --output_dir SAMPLES      (resumable)
+    snpo score --samples SAMPLES[,SAMPLES...] --scorers hpsv2,pickscore,... --hpsv2 PATH ...
+    snpo report --runs SAMPLES,SAMPLES,... [--names a,b,...] [--baseline a] --output_dir REPORT
 
 Multi-GPU and multi-node runs go through accelerate, with a config from configs/accelerate/:
 
@@ -86,6 +90,52 @@ def _cache(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+@command("sample", "images for a prompt set from a model, LoRA, fine-tune, Diff-NPO or CHATS pair")
+def _sample(args: argparse.Namespace, rest: list[str]) -> int:
+    from snpo.evaluate.sample import SampleConfig, run_sample
+
+    config = load_config(SampleConfig, args.config, rest)
+    result = run_sample(config)
+    print(f"{result.drawn} images drawn, {result.skipped} already there ({result.total} in all): "
+          f"{result.output_dir}")
+    return 0
+
+
+@command("score", "score sample folders with PickScore, HPSv2, ImageReward, aesthetic, CLIP score")
+def _score(args: argparse.Namespace, rest: list[str]) -> int:
+    from snpo.configuration import config_from_dict, load_yaml, parse_overrides
+    from snpo.evaluate.score import ScoreConfig, config_key, run_score
+
+    # the scorer modules' flags (--hpsv2.1, --clip-score) as config keys (hpsv2_1, clip_score)
+    values = load_yaml(args.config) if args.config else {}
+    values.update(parse_overrides(rest))
+    config = config_from_dict(ScoreConfig, {config_key(k): v for k, v in values.items()},
+                              args.config or "command line")
+    for result in run_score(config):
+        print(f"{result.folder}: {result.scored} scores computed, {result.skipped} already there")
+    return 0
+
+
+@command("report", "tables in the paper's layout, win rates against a baseline, a sample grid")
+def _report(args: argparse.Namespace, rest: list[str]) -> int:
+    from snpo.evaluate.report import ReportConfig, run_report
+
+    config = load_config(ReportConfig, args.config, rest)
+    out = run_report(config)
+    print(f"report written to {out / 'report.md'}")
+    return 0
+
+
+@command("bench", "training speed and memory vs the reference Diffusion-DPO script (BENCHMARKS.md)")
+def _bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from snpo.bench import BenchConfig, run_bench
+
+    config = load_config(BenchConfig, args.config, rest)  # --quick: the tiny architecture, seconds
+    out = run_bench(config)
+    print(f"benchmark written to {out / 'results.md'}")
+    return 0
+
+
 #: errors whose message is one line meant for the user: printed without a traceback
 USER_ERRORS = (
     ("snpo.configuration", "ConfigError"),
@@ -93,6 +143,7 @@ USER_ERRORS = (
     ("snpo.data.cache", "CacheError"),
     ("snpo.backbones", "ModelNotFoundError"),
     ("snpo.training.trainer", "NonFiniteError"),
+    ("snpo.scoring.base", "ScorerWeightsMissing"),
 )
 
 
@@ -108,13 +159,23 @@ def is_user_error(err: BaseException) -> bool:
     return type(err) is ValueError and FIELD_MESSAGE.match(str(err)) is not None
 
 
-def _keys_epilog(name: str) -> str | None:
-    """The config keys of ``train`` and ``cache``, listed under their --help."""
-    if name not in ("train", "cache"):
-        return None
-    from snpo.training.config import TrainConfig
+#: subcommand -> its config dataclass ("module:Class"), whose keys --help lists
+CONFIG_CLASSES = {
+    "train": "snpo.training.config:TrainConfig",
+    "cache": "snpo.training.config:TrainConfig",
+    "sample": "snpo.evaluate.sample:SampleConfig",
+    "score": "snpo.evaluate.score:ScoreConfig",
+    "report": "snpo.evaluate.report:ReportConfig",
+    "bench": "snpo.bench.config:BenchConfig",
+}
 
-    keys = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
+
+def _keys_epilog(name: str) -> str | None:
+    """The config keys of a subcommand, listed under its --help."""
+    if name not in CONFIG_CLASSES:
+        return None
+    module, cls = CONFIG_CLASSES[name].split(":")
+    keys = ", ".join(f.name for f in dataclasses.fields(getattr(import_module(module), cls)))
     return f"config keys (YAML or --key value): {keys}"
 
 

@@ -26,6 +26,37 @@ def fmt_mean_std(values: Sequence[float], digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def seed_means(scores: np.ndarray) -> np.ndarray:
+    """Per-seed means of a ``(seeds, prompts)`` score table: the mean over prompts of each seed.
+
+    The paper reports "the mean of 4 seeds": each seed's mean over the prompt set, then the
+    mean (and spread) of those per-seed means.
+    """
+    arr = np.asarray(scores)  # no upcast: the toy report's numbers stay bit-identical
+    if arr.ndim != 2:
+        raise ValueError(f"scores: expected a (seeds, prompts) table, got shape {arr.shape}")
+    return arr.mean(axis=1)
+
+
+def seed_mean_std(scores: np.ndarray) -> tuple[float, float]:
+    """Mean and (population) std over seeds of the per-seed means (:func:`seed_means`)."""
+    return mean_std(seed_means(scores))
+
+
+def fmt_seed_mean_std(scores: np.ndarray, digits: int = 3) -> str:
+    """``"mean ± std"`` over seeds of a ``(seeds, prompts)`` table, as the tables print it."""
+    return fmt_mean_std(seed_means(scores), digits)
+
+
+def win_rate(scores: np.ndarray, baseline: np.ndarray) -> float:
+    """Fraction of paired cells (e.g. (seed, prompt)) where ``scores`` beats ``baseline``;
+    ties count one half. Both arrays hold the same cells in the same order."""
+    scores, baseline = np.asarray(scores), np.asarray(baseline)
+    if scores.shape != baseline.shape:
+        raise ValueError(f"win_rate: shapes differ ({scores.shape} vs {baseline.shape})")
+    return float(((scores > baseline) + 0.5 * (scores == baseline)).mean())
+
+
 def fmt(value: float | None, digits: int = 3, percent: bool = False) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"

@@ -58,6 +58,9 @@ class Backbone(ABC):
     #: ``time_ids``); every other entry depends on the prompt only. A latent/text cache
     #: stores the former per image and the latter once per prompt.
     image_condition_keys: tuple[str, ...] = ()
+    #: Opt-in speed options (TrainConfig fields), applied by ``prepare_for_training``.
+    channels_last: bool = False
+    torch_compile: bool = False
 
     denoiser: nn.Module
     noise_scheduler: Any  # a diffusers scheduler used to noise training samples
@@ -144,6 +147,8 @@ class Backbone(ABC):
         """One denoiser forward; ``model`` may be a DDP/FSDP wrapper of ``self.denoiser``."""
         extra = {k: v for k, v in cond.items() if k != "encoder_hidden_states"}
         kwargs = {"added_cond_kwargs": extra} if extra else {}
+        if self.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
         return model(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"], **kwargs).sample
 
     # ---- devices and dtypes ---------------------------------------------------------
@@ -203,7 +208,21 @@ class Backbone(ABC):
         if gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
         self.denoiser.train()
+        self.apply_speed_options()
         return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+    def apply_speed_options(self) -> None:
+        """``channels_last``: NHWC weights (inputs are converted in :meth:`predict`);
+        ``torch_compile``: ``module.compile()`` in place, so the module keeps its identity
+        (state dicts, peft adapters, saving). Both apply to the denoiser and to a full
+        fine-tune's reference copy; both change numerics at float-rounding level only."""
+        for module in (self.denoiser, self._reference):
+            if module is None:
+                continue
+            if self.channels_last:
+                module.to(memory_format=torch.channels_last)
+            if self.torch_compile:
+                module.compile()
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[nn.Module]:

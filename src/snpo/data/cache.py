@@ -135,7 +135,8 @@ def model_fingerprint(model_path: Path, vae_path: Path | None = None) -> dict[st
     return out
 
 
-def dataset_fingerprint(spec: str, split: str | None, drop_ties: bool, max_train_samples: int | None) -> dict[str, Any]:
+def dataset_fingerprint(spec: str, split: str | None, drop_ties: bool, max_train_samples: int | None,
+                        max_caption_chars: int | None = None) -> dict[str, Any]:
     """The dataset spec plus the names and sizes of its local files (a hub id stays a name)."""
     path = Path(spec).expanduser()
     if path.is_dir():  # the data files only (a folder may also hold images or notes)
@@ -148,7 +149,8 @@ def dataset_fingerprint(spec: str, split: str | None, drop_ties: bool, max_train
     else:
         listing = {}
     return {"dataset_name": spec, "dataset_split": split, "drop_ties": drop_ties,
-            "max_train_samples": max_train_samples, "files": listing}
+            "max_train_samples": max_train_samples, "max_caption_chars": max_caption_chars,
+            "files": listing}
 
 
 def cache_fingerprint(

@@ -25,7 +25,7 @@ from typing import Any
 
 from snpo.data.hf import HFDatasetStore, is_hf_dataset, load_from_disk, load_hub_dataset, pick_split
 from snpo.data.local import LOCAL_SUFFIXES, LocalTableStore
-from snpo.data.parquet import GLOB_CHARS, ParquetStore, list_parquet_files
+from snpo.data.parquet import GLOB_CHARS, ParquetStore, list_parquet_files, split_of
 from snpo.data.pickapic import PICKAPIC
 from snpo.data.records import DataSourceError, one_line
 from snpo.data.source import PAIRS, DedupMode, PreferenceSource, choose_schema
@@ -42,6 +42,7 @@ def load_preference_source(
     drop_ties: bool = True,
     dedup: DedupMode = "auto",
     cache_row_groups: int = 2,
+    max_caption_chars: int | None = None,
 ) -> PreferenceSource:
     """Open a preference dataset; see the module docstring for what ``spec`` may be.
 
@@ -52,13 +53,14 @@ def load_preference_source(
         drop_ties: skip tied Pick-a-Pic rows (default, as Diffusion-DPO) or keep them.
         dedup: duplicate detection, see ``PreferenceSource``.
         cache_row_groups: parquet row groups kept in memory per process.
+        max_caption_chars: skip captions longer than this (``overlong_caption``); None: no limit.
 
     Raises:
         DataSourceError: one line naming the source (not found, missing columns, ...).
     """
     if isinstance(spec, PreferenceSource):
         return spec
-    options = {"drop_ties": drop_ties, "dedup": dedup}
+    options = {"drop_ties": drop_ties, "dedup": dedup, "max_caption_chars": max_caption_chars}
     if is_hf_dataset(spec):
         dataset = pick_split(spec, split, type(spec).__name__)
         return _source(HFDatasetStore(dataset), **options)
@@ -80,6 +82,9 @@ def load_preference_source(
         if suffix in LOCAL_SUFFIXES:
             return PreferenceSource(LocalTableStore(path, fields=PAIRS.required), PAIRS, **options)
         if suffix == ".parquet":
+            named = split_of(path)  # a shard named for another split is not silently used
+            if split is not None and named is not None and named != split:
+                raise DataSourceError(f"no parquet shards of split '{split}' in {path} (it is a '{named}' shard)")
             store = ParquetStore([path], cache_row_groups=cache_row_groups)
             return _source(store, **options)
         raise DataSourceError(f"{path}: unsupported file type (use .parquet, .jsonl or .csv)")

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from snpo.data.records import DataSourceError, RecordSkipped, one_line
-from snpo.data.report import MALFORMED_ROW
+from snpo.data.report import MALFORMED_ROW, UNREADABLE_SHARD
 from snpo.data.store import LRU, RowStore, missing_columns_error
 
 GLOB_CHARS = set("*?[")
@@ -90,28 +90,38 @@ class ParquetStore(RowStore):
         cache_row_groups: int = 2,
         max_open_files: int = 16,
     ) -> None:
-        self.files = [Path(f) for f in files]
-        if not self.files:
+        files = [Path(f) for f in files]
+        if not files:
             raise DataSourceError(f"no parquet files in {name}")
-        self.name = name or str(self.files[0])
-        self.base_dir = self.files[0].parent
+        self.name = name or str(files[0])
+        self.base_dir = files[0].parent
         self.cache_row_groups = cache_row_groups
         self.max_open_files = max_open_files
         self._schemas: list[list[str]] = []
         rg_rows: list[int] = []
         rg_file: list[int] = []
         rg_local: list[int] = []
-        for i, path in enumerate(self.files):
+        # One bad shard (zero bytes, a cut-off upload) must not cost the other 644: it is
+        # skipped and counted as unreadable_shard; only a source with no readable shard fails.
+        self.files: list[Path] = []
+        self.unreadable_files: list[tuple[Path, str]] = []
+        for path in files:
             try:
                 meta = pq.read_metadata(path)  # the footer only: no data is read
                 schema = meta.schema.to_arrow_schema()
             except (OSError, pa.ArrowException) as exc:
-                raise DataSourceError(f"cannot read parquet {path}: {one_line(exc)}") from exc
+                self.unreadable_files.append((path, one_line(exc)))
+                continue
+            i = len(self.files)
+            self.files.append(path)
             self._schemas.append(list(schema.names))
             for j in range(meta.num_row_groups):
                 rg_rows.append(meta.row_group(j).num_rows)
                 rg_file.append(i)
                 rg_local.append(j)
+        if not self.files:
+            path, reason = self.unreadable_files[0]
+            raise DataSourceError(f"cannot read parquet {path}: {reason}")
         # Global row numbering: row groups laid end to end, shard after shard.
         self._rg_start = np.concatenate([[0], np.cumsum(rg_rows, dtype=np.int64)])
         self._rg_file = np.asarray(rg_file, dtype=np.int64)
@@ -151,6 +161,9 @@ class ParquetStore(RowStore):
     @property
     def columns(self) -> list[str]:
         return self._schemas[0]
+
+    def preskipped(self) -> dict[str, int]:
+        return {UNREADABLE_SHARD: len(self.unreadable_files)} if self.unreadable_files else {}
 
     def check_columns(self, required: Sequence[str]) -> None:
         for path, names in zip(self.files, self._schemas):

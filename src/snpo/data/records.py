@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,4 +138,7 @@ def decode_image(value: Any, key: str, base_dir: Path | None = None) -> Image.Im
             image.load()  # PIL decodes lazily; force it here so corrupt data fails here
         return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...)
-        raise RecordSkipped(UNREADABLE_IMAGE, key, one_line(exc)) from exc
+        # drop object addresses ("<_io.BytesIO object at 0x7f...>"): the same bad image must
+        # give the same message in every process, epoch and resumed run
+        detail = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", one_line(exc))
+        raise RecordSkipped(UNREADABLE_IMAGE, key, detail) from exc

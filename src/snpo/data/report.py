@@ -23,23 +23,30 @@ from typing import Any
 # default, as in the original Diffusion-DPO code.
 MISSING_COLUMN = "missing_column"
 EMPTY_CAPTION = "empty_caption"
+OVERLONG_CAPTION = "overlong_caption"
 BAD_LABEL = "bad_label"
 TIE = "tie"
 UNREADABLE_IMAGE = "unreadable_image"
 DUPLICATE_PAIR = "duplicate_pair"
 MALFORMED_ROW = "malformed_row"
+# A whole file that cannot be read (a zero-byte or corrupt parquet shard). Counted in files,
+# not rows: its rows were never seen, so it changes neither ``total_seen`` nor ``kept``.
+UNREADABLE_SHARD = "unreadable_shard"
 
 # Canonical order of kinds in summaries, so that logs of two runs line up.
 KIND_ORDER = (
     TIE,
     DUPLICATE_PAIR,
     EMPTY_CAPTION,
+    OVERLONG_CAPTION,
     BAD_LABEL,
     UNREADABLE_IMAGE,
     MALFORMED_ROW,
     MISSING_COLUMN,
+    UNREADABLE_SHARD,
 )
 NON_ERROR_KINDS = frozenset({TIE})
+FILE_KINDS = frozenset({UNREADABLE_SHARD})
 
 
 class SkipReport:
@@ -106,8 +113,8 @@ class SkipReport:
 
     @property
     def skipped(self) -> int:
-        """All skipped rows, ties included."""
-        return sum(self.counts.values())
+        """All skipped rows, ties included (unreadable files are not rows)."""
+        return sum(n for k, n in self.counts.items() if k not in FILE_KINDS)
 
     @property
     def errors(self) -> int:

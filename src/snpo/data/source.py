@@ -11,8 +11,10 @@ Two steps, so that a useless dataset fails *before* any model is loaded:
    skips and counts it.
 
 Each skipped row is counted once, under the first check it fails, in this order: empty caption,
-bad label, tie, unreadable image (only what is visible without decoding: missing file, zero
-bytes), duplicate pair.
+over-long caption (more than ``max_caption_chars`` characters: text encoders read only the first
+77 tokens, so such a caption is junk or mostly ignored), bad label, tie, unreadable image (only
+what is visible without decoding: missing file, zero bytes), duplicate pair. A shard that
+cannot be read at all is skipped and counted as ``unreadable_shard`` (in files).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from snpo.data.records import (
 from snpo.data.report import (
     DUPLICATE_PAIR,
     EMPTY_CAPTION,
+    FILE_KINDS,
     MALFORMED_ROW,
+    OVERLONG_CAPTION,
     UNREADABLE_IMAGE,
     SkipReport,
 )
@@ -91,6 +95,7 @@ class PreferenceSource:
             once); ``"auto"`` uses the cheapest exact-enough identity - Pick-a-Pic's
             ``image_*_uid`` columns when present, the resolved file paths for JSONL/CSV, the
             image bytes otherwise; ``"none"`` keeps duplicates.
+        max_caption_chars: skip (and count) captions longer than this; None: no limit.
     """
 
     def __init__(
@@ -100,6 +105,7 @@ class PreferenceSource:
         *,
         drop_ties: bool = True,
         dedup: DedupMode = "auto",
+        max_caption_chars: int | None = None,
     ) -> None:
         if dedup not in ("auto", "bytes", "none"):
             raise ValueError(f"dedup must be 'auto', 'bytes' or 'none', not {dedup!r}")
@@ -108,6 +114,7 @@ class PreferenceSource:
         self.schema = schema
         self.drop_ties = drop_ties
         self.dedup = dedup
+        self.max_caption_chars = max_caption_chars
         self._report: SkipReport | None = None
         self._locations: np.ndarray | None = None
         self._swap: np.ndarray | None = None
@@ -157,7 +164,8 @@ class PreferenceSource:
 
         report = SkipReport()
         for kind, n in self.store.preskipped().items():
-            report.total_seen += n
+            if kind not in FILE_KINDS:  # rows that never became rows; a file is not a row
+                report.total_seen += n
             report.add(kind, n)
         seen: set[bytes] = set()
         locations: list[int] = []
@@ -191,6 +199,8 @@ class PreferenceSource:
         prompt = batch[schema.prompt][j]
         if not isinstance(prompt, str) or not prompt.strip():
             return EMPTY_CAPTION, False, None
+        if self.max_caption_chars is not None and len(prompt) > self.max_caption_chars:
+            return OVERLONG_CAPTION, False, None
         swap = False
         if schema.labels and schema.classify:
             kind, swap = schema.classify(

@@ -75,10 +75,13 @@ def pair_errors(
     negative: Tensor,
     *,
     with_reference: bool = True,
+    reference_errors: tuple[Tensor, Tensor] | None = None,
 ) -> PairErrors:
     """Policy (and reference) errors of both images of each pair, on the branch ``negative``.
 
     ``cond`` has 2B rows (chosen images first), as ``Backbone.encode_batch`` returns it.
+    ``reference_errors`` (chosen, rejected), stored by an earlier run with the same noise
+    (``snpo.methods.reference_errors``), replace the reference forward.
     """
     negative2 = torch.cat([negative, negative])
     cond2 = select_condition(negative2, backbone.null_condition(cond), cond)
@@ -88,7 +91,9 @@ def pair_errors(
     target = backbone.training_target(latents, noise2, timesteps2)
 
     err = per_sample_mse(backbone.predict(model, noisy, timesteps2, cond2), target)
-    if with_reference:
+    if reference_errors is not None:
+        ref_err = torch.cat(reference_errors).to(err.device, err.dtype)
+    elif with_reference:
         with backbone.reference() as reference:
             ref_err = per_sample_mse(backbone.predict(reference, noisy, timesteps2, cond2), target)
     else:
@@ -103,12 +108,18 @@ class SingleNetworkMethod:
 
     name = "single"
 
-    def __init__(self, backbone: Backbone, objective: ObjectiveConfig, cfg_dropout: float) -> None:
+    def __init__(
+        self, backbone: Backbone, objective: ObjectiveConfig, cfg_dropout: float,
+        *, reference_store: Any = None,
+    ) -> None:
         if not 0 <= cfg_dropout < 1:
             raise ValueError(f"cfg_dropout: expected a probability in [0, 1), got {cfg_dropout!r}")
         self.backbone = backbone
         self.objective = objective
         self.cfg_dropout = cfg_dropout
+        #: a ``ReferenceErrorStore`` (``precompute_reference``): stored reference errors are
+        #: used instead of a reference forward, and missing ones are computed and recorded
+        self.reference_store = reference_store
 
     def compute_loss(
         self, model: nn.Module, batch: dict[str, Any], pair_seeds: list[int]
@@ -116,7 +127,12 @@ class SingleNetworkMethod:
         """Loss and metrics for one batch of pairs; ``model`` is the (wrapped) policy."""
         chosen, rejected, cond = self.backbone.encode_batch(batch)
         noise, timesteps, negative = draw_pair_noise(self.backbone, chosen, self.cfg_dropout, pair_seeds)
-        errors = pair_errors(self.backbone, model, chosen, rejected, cond, noise, timesteps, negative)
+        store = self.reference_store
+        stored = store.lookup(pair_seeds, batch) if store is not None else None
+        errors = pair_errors(self.backbone, model, chosen, rejected, cond, noise, timesteps, negative,
+                             reference_errors=stored)
+        if store is not None and stored is None:
+            store.record(pair_seeds, batch, errors.ref_err_chosen, errors.ref_err_rejected)
         obj = self.objective
         return preference_loss(
             errors.err_chosen, errors.err_rejected, errors.ref_err_chosen, errors.ref_err_rejected,

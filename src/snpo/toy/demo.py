@@ -152,7 +152,7 @@ class ModelEval:
     label: np.ndarray  # (seeds, prompts)
     heldout: np.ndarray  # (seeds, prompts)
     hf_ratio: float  # high-frequency energy / renders: detail AND noise
-    sharpness: float  # edge sharpness / renders: lower = blurrier
+    sharpness: np.ndarray  # (seeds,) edge sharpness / renders, mean over prompts: lower = blurrier
     null_accuracy: dict | None = None
     sampling_seconds: float = 0.0
 
@@ -187,7 +187,7 @@ class Evaluator:
         label = np.asarray(self.label_judge(images, self.all_prompts)).reshape(shape)
         heldout = np.asarray(self.heldout_judge(images, self.all_prompts)).reshape(shape)
         hf = float(high_frequency_energy(images).mean()) / self.render_hf
-        sharpness = float(edge_sharpness(images).mean())
+        sharpness = np.asarray(edge_sharpness(images)).reshape(shape).mean(axis=1)
         null_acc = None
         if with_null_accuracy:
             null_acc = self.null_accuracy(null_model if null_model is not None else model)

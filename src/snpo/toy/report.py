@@ -18,21 +18,18 @@ import torch
 from snpo import __version__
 from snpo.report import (
     fmt,
-    fmt_mean_std,
+    fmt_seed_mean_std,
     image_grid,
     markdown_table,
     mean_std,
     plot_curves,
     plot_xy,
+    seed_mean_std,
+    win_rate,
     write_csv,
 )
 
 CURVE_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "logratio/chosen", "logratio/rejected")
-
-
-def win_rate(scores: np.ndarray, baseline: np.ndarray) -> float:
-    """Fraction of (seed, prompt) where ``scores`` beats ``baseline``; ties count one half."""
-    return float(((scores > baseline) + 0.5 * (scores == baseline)).mean())
 
 
 def tail_mean(history: list[dict], key: str, fraction: float = 0.2) -> float:
@@ -48,15 +45,17 @@ def summarise(evals: dict, histories: dict, run_info: dict) -> dict[str, dict]:
     ref = evals["reference"]
     rows = {}
     for name, ev in evals.items():
-        label_seed = ev.label.mean(axis=1)
-        heldout_seed = ev.heldout.mean(axis=1)
+        # the same aggregation `snpo report` uses: mean over prompts per seed, then over seeds
+        label_mean, label_std = seed_mean_std(ev.label)
+        heldout_mean, heldout_std = seed_mean_std(ev.heldout)
         row = {
-            "label_mean": mean_std(label_seed)[0], "label_std": mean_std(label_seed)[1],
-            "heldout_mean": mean_std(heldout_seed)[0], "heldout_std": mean_std(heldout_seed)[1],
+            "label_mean": label_mean, "label_std": label_std,
+            "heldout_mean": heldout_mean, "heldout_std": heldout_std,
             "win_label": win_rate(ev.label, ref.label) if name != "reference" else None,
             "win_heldout": win_rate(ev.heldout, ref.heldout) if name != "reference" else None,
             "hf_ratio": ev.hf_ratio,
-            "sharpness": ev.sharpness,
+            "sharpness": mean_std(ev.sharpness)[0],
+            "sharpness_std": mean_std(ev.sharpness)[1],
             "null_accuracy": ev.null_accuracy["accuracy"] if ev.null_accuracy else None,
             "sampling_seconds_per_image": ev.sampling_seconds,
         }
@@ -120,15 +119,17 @@ def claims(rows: dict[str, dict]) -> list[tuple[str, str, str]]:
         naive, bounded = rows["snpo-naive"], rows["snpo"]
         falls = naive["final_logratio_chosen"] < 0
         lower = naive["final_logratio_chosen"] < bounded["final_logratio_chosen"]
-        blurs = naive["sharpness"] < bounded["sharpness"]
+        blurs = naive["sharpness"] < bounded["sharpness"] - max(naive["sharpness_std"], bounded["sharpness_std"])
         verdict = "reproduced" if (falls and lower and blurs) else "partly reproduced" if (lower or blurs) else "not reproduced"
         out.append((
             "Naive SNPO (lambda = 1) lowers the winner's likelihood and blurs; the bounded loser term prevents it.",
             verdict,
             f"logratio/chosen over the last 20% of training: naive {naive['final_logratio_chosen']:+.2e}, "
             f"bounded {bounded['final_logratio_chosen']:+.2e}; edge sharpness vs clean renders (lower = blurrier): "
-            f"naive {naive['sharpness']:.3f}, bounded {bounded['sharpness']:.3f}. Rule: naive logratio/chosen < 0 "
-            "and below bounded, and naive edges less sharp.",
+            f"naive {naive['sharpness']:.3f}, bounded {bounded['sharpness']:.3f} (seed spread "
+            f"{max(naive['sharpness_std'], bounded['sharpness_std']):.3f}). Rule: naive logratio/chosen < 0 and below "
+            "bounded (the winner's likelihood falls), and naive edges less sharp by more than the seed spread (blur); "
+            "one of the two = partly.",
         ))
     if {"snpo", "bdpo"} <= have:
         verdict = _compare(rows["snpo"], rows["bdpo"])
@@ -145,7 +146,8 @@ def claims(rows: dict[str, dict]) -> list[tuple[str, str, str]]:
             "SNPO's null branch learns the reversed preference (implicit accuracy on reversed held-out pairs "
             "above 50%, paper 57.45%); Diff-DPO's does not (paper 31.86%).",
             verdict,
-            f"null-branch implicit accuracy: SNPO {100 * s:.1f}%, DPO {100 * d:.1f}%. Rule: SNPO > 50% and > DPO.",
+            f"null-branch implicit accuracy: SNPO {100 * s:.1f}%, DPO {100 * d:.1f}%. Rule: SNPO > 50% and > DPO."
+            + _p_ablation_note(rows),
         ))
     lam_rows = {r: v for r, v in rows.items() if v.get("group") == "lambda" or r in ("snpo", "snpo-naive")}
     if {"snpo", "snpo-naive"} <= lam_rows.keys():
@@ -203,6 +205,15 @@ def claims(rows: dict[str, dict]) -> list[tuple[str, str, str]]:
     return out
 
 
+def _p_ablation_note(rows: dict[str, dict]) -> str:
+    """The same quantity at the larger p of the cfg_dropout ablation, when it was run."""
+    notes = []
+    for name, row in rows.items():
+        if row.get("group") == "cfg_dropout" and row.get("null_accuracy") is not None:
+            notes.append(f"{name} {100 * row['null_accuracy']:.1f}%")
+    return f" At a larger p (ablation, not the rule's main rows): {', '.join(notes)}." if notes else ""
+
+
 def mix_scale_statement(rows: dict[str, dict]) -> str | None:
     """Which reading of the likelihood scale k keeps the winner's likelihood up in this run."""
     name = "snpo (mix_scale=1)"
@@ -256,7 +267,7 @@ def write_report(out: Path, config, world, train_pairs, heldout_pairs, evals, hi
     def table_row(name: str) -> list[str]:
         r, ev = rows[name], evals[name]
         return [
-            name, fmt_mean_std(ev.label.mean(axis=1)), fmt_mean_std(ev.heldout.mean(axis=1)),
+            name, fmt_seed_mean_std(ev.label), fmt_seed_mean_std(ev.heldout),
             fmt(r["win_label"], percent=True), fmt(r["win_heldout"], percent=True), fmt(r["sharpness"]),
             fmt(r["hf_ratio"]),
             fmt(r["null_accuracy"], percent=True),
@@ -274,11 +285,13 @@ def write_report(out: Path, config, world, train_pairs, heldout_pairs, evals, hi
     for name in rows:
         r = rows[name]
         csv_rows.append([name, r.get("group", "reference"), r["label_mean"], r["label_std"], r["heldout_mean"],
-                         r["heldout_std"], r["win_label"], r["win_heldout"], r["sharpness"], r["hf_ratio"],
+                         r["heldout_std"], r["win_label"], r["win_heldout"], r["sharpness"], r["sharpness_std"],
+                         r["hf_ratio"],
                          r["null_accuracy"],
                          r.get("final_logratio_chosen"), r.get("train_seconds")])
     write_csv(out / "results.csv", ["method", "group", "label_mean", "label_std", "heldout_mean", "heldout_std",
-                                    "win_label", "win_heldout", "sharpness", "hf_ratio", "null_accuracy",
+                                    "win_label", "win_heldout", "sharpness", "sharpness_std", "hf_ratio",
+                                    "null_accuracy",
                                     "final_logratio_chosen", "train_seconds"], csv_rows)
 
     # figures

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
+import types
+import typing
 from dataclasses import dataclass
 
 from snpo.objectives import ObjectiveConfig, validate_objective_args
@@ -30,6 +35,7 @@ class TrainConfig:
     cache_batch_size: int = 8  # pairs encoded at once by `snpo cache`
     max_train_samples: int | None = None
     drop_ties: bool = True
+    max_caption_chars: int | None = 2000  # longer captions are skipped as overlong_caption
     resolution: int = 512
     center_crop: bool = True
     random_flip: bool = True
@@ -64,6 +70,12 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     allow_tf32: bool = False
 
+    # speed options, all opt-in (measured in BENCHMARKS.md; docs/performance.md)
+    channels_last: bool = False  # NHWC denoiser weights and inputs
+    torch_compile: bool = False  # torch.compile the denoiser (and a full fine-tune's reference)
+    precompute_reference: bool = False  # reuse reference errors across runs of a sweep
+    reference_errors_dir: str | None = None  # where they live; null = <cache_dir>/reference-errors
+
     # checkpoints, logging, reproducibility
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
@@ -75,6 +87,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """One-line errors naming the field, the value and what is allowed."""
+        _check_types(self)
         validate_objective_args(self.objective, self.beta, self.mix_lambda, self.mix_scale)
         checks = [
             ("cfg_dropout", 0 <= self.cfg_dropout < 1, "a probability in [0, 1)"),
@@ -96,6 +109,10 @@ class TrainConfig:
             ("adam_beta2", 0 <= self.adam_beta2 < 1, "a number in [0, 1)"),
             ("adam_weight_decay", self.adam_weight_decay >= 0, "a number >= 0"),
             ("adam_epsilon", self.adam_epsilon > 0, "a number > 0"),
+            # per-pair seeds and the data order are drawn from generators that take 32-bit seeds
+            ("seed", 0 <= self.seed < 2**32, "an integer in [0, 2**32)"),
+            ("tracker_project_name", bool(self.tracker_project_name.strip())
+             and not set("/\\") & set(self.tracker_project_name), "a non-empty name without slashes"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -103,6 +120,13 @@ class TrainConfig:
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(
                 f"checkpoints_total_limit: expected an integer >= 1 or null, got {self.checkpoints_total_limit!r}"
+            )
+        if self.max_caption_chars is not None and self.max_caption_chars < 1:
+            raise ValueError(f"max_caption_chars: expected an integer >= 1 or null, got {self.max_caption_chars!r}")
+        if self.precompute_reference and not (self.reference_errors_dir or self.cache_dir):
+            raise ValueError(
+                "reference_errors_dir: precompute_reference needs a folder shared by the runs of a "
+                "sweep (default <cache_dir>/reference-errors), got nothing"
             )
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"max_train_samples: expected an integer >= 1 or null, got {self.max_train_samples!r}")
@@ -117,3 +141,38 @@ class TrainConfig:
     @property
     def objective_config(self) -> ObjectiveConfig:
         return ObjectiveConfig(self.objective, self.beta, self.mix_lambda, self.mix_scale)
+
+
+def _type_problem(value: object, annotation: object) -> str | None:
+    """What ``value`` should be when it does not match ``annotation`` (None when it does)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        problems = [_type_problem(value, a) for a in args if a is not type(None)]
+        if any(p is None for p in problems):
+            return None
+        return " or ".join(p for p in problems if p) + (" or null" if type(None) in args else "")
+    if annotation is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if annotation is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return "a number"
+        return None if math.isfinite(value) else "a finite number"
+    if annotation is str:  # paths given as Path objects are fine
+        return None if isinstance(value, str | os.PathLike) else "a string"
+    return None
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Types first, so that a config built in Python (not through ``load_config``) fails with
+    the same one-line message instead of a TypeError deep inside training."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        expected = _type_problem(value, hints[f.name])
+        if expected:
+            raise ValueError(f"{f.name}: expected {expected}, got {value!r}")

@@ -19,7 +19,7 @@ TITLES = {
 CARD_METRICS = (
     "loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
     "logratio/chosen", "logratio/rejected", "branch/negative_fraction", "grad_norm", "lr",
-    "pairs_per_second", "peak_memory_gb",
+    "pairs_per_second", "peak_memory_gb", "nonfinite_skipped",
 )
 
 
@@ -73,6 +73,10 @@ def render_model_card(config: Any, backbone: dict[str, Any], info: dict[str, Any
     lines += [f"| `{k}` | {_format(metrics[k])} |" for k in CARD_METRICS if k in metrics]
     if data:
         lines += ["", "## Data", "", data.get("summary", "") or json.dumps(data)]
+        counts = data.get("counts") or {}
+        if counts:  # every skipped row, per kind: nothing is dropped silently
+            lines += ["", "| skipped | count |", "| --- | --- |"]
+            lines += [f"| `{kind}` | {n} |" for kind, n in counts.items()]
     lines += ["", "## Training config", "", "```yaml", yaml.safe_dump(c, sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)
 

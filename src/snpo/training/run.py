@@ -2,8 +2,10 @@
 
 Order matters: everything that can fail cheaply fails before a model is loaded.
 
-1. the config is validated (``load_config``), then the model's family is read from its
-   ``model_index.json`` (no weights) and optional packages are checked;
+1. the config is validated (``load_config``: types and ranges), then what needs the file
+   system but no model (``preflight``: paths, the output folder, the checkpoint to resume
+   from), then the model's family is read from its ``model_index.json`` (no weights) and
+   optional packages are checked;
 2. the data is scanned: a dataset with no usable pair stops here with one line; with
    ``cache_dir`` the cache's fingerprint is checked instead (a stale cache stops here);
 3. the backbone is loaded (without VAE and text encoders when training from a cache);
@@ -24,8 +26,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from snpo.backbones import detect_family, load_backbone, resolve_model_path
+from snpo.backbones import ModelNotFoundError, detect_family, load_backbone, resolve_model_path
 from snpo.data import (
+    DataSourceError,
     GroupedShuffleSampler,
     PairedTransform,
     PreferencePairDataset,
@@ -45,6 +48,7 @@ from snpo.data.cache import (
     read_manifest,
 )
 from snpo.methods.single import SingleNetworkMethod
+from snpo.training import checkpoint as ckpt
 from snpo.training.config import TrainConfig
 from snpo.training.model_card import write_model_card
 from snpo.training.trainer import Trainer, TrainResult, cpu_only_launch
@@ -91,7 +95,7 @@ def fingerprint_for(config: TrainConfig, family: str, model_path: Path) -> dict[
         family=family, model_path=model_path, vae_path=vae_path, resolution=config.resolution,
         center_crop=config.center_crop, random_flip=config.random_flip, resample=RESAMPLE,
         dataset=dataset_fingerprint(config.dataset_name, config.dataset_split, config.drop_ties,
-                                    config.max_train_samples),
+                                    config.max_train_samples, config.max_caption_chars),
     )
 
 
@@ -105,10 +109,52 @@ def _load(config: TrainConfig, family: str, *, with_encoders: bool):
 
 
 def _scan(config: TrainConfig):
-    source = load_preference_source(config.dataset_name, split=config.dataset_split, drop_ties=config.drop_ties)
-    report = source.scan()  # DataSourceError (one line) when no pair is usable
+    try:
+        source = load_preference_source(config.dataset_name, split=config.dataset_split, drop_ties=config.drop_ties,
+                                        max_caption_chars=config.max_caption_chars)
+        report = source.scan()  # DataSourceError (one line) when no pair is usable
+    except DataSourceError as err:
+        # name the setting to fix: the split when the split is what is missing
+        field = "dataset_split" if "split" in str(err) else "dataset_name"
+        raise DataSourceError(f"{field}: {err}") from None
+    for path, reason in getattr(source.store, "unreadable_files", ()):
+        _say(f"data: skipped unreadable shard {path}: {reason}")
     _say(f"data: {source.name}: {report.summary()}")
     return source
+
+
+def preflight(config: TrainConfig) -> None:
+    """Checks of the settings that need the file system but no model or data (one line each,
+    naming the field): required paths, the output folder, the checkpoint to resume from."""
+    for name in ("model_name_or_path", "dataset_name", "output_dir"):
+        if not str(getattr(config, name)).strip():
+            raise ValueError(f"{name}: expected a path or hub id, got {getattr(config, name)!r}")
+    vae = config.pretrained_vae_model_name_or_path
+    if vae is not None:
+        vae = str(vae)
+        path = Path(vae).expanduser()
+        hub_id = vae.count("/") == 1 and not vae.startswith((".", "/", "~"))
+        if not path.is_dir() and not hub_id:
+            raise ModelNotFoundError(f"pretrained_vae_model_name_or_path: no such folder {vae!r}")
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"pretrained_vae_model_name_or_path: {vae!r} has no config.json (not a VAE folder)")
+    model = Path(config.model_name_or_path).expanduser()
+    if config.variant is not None and model.is_dir() and not any(
+        f".{config.variant}." in p.name for p in model.rglob("*") if p.is_file()
+    ):
+        raise ModelNotFoundError(f"variant: no weight files of variant {config.variant!r} in {str(model)!r}")
+    out = Path(config.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir: {config.output_dir!r} exists and is not a folder")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"output_dir: {config.output_dir!r} cannot be written ({existing} is read-only)")
+    if config.resume_from_checkpoint:
+        found = ckpt.resolve_checkpoint(out / "checkpoints", config.resume_from_checkpoint)
+        if found is not None:  # the model-dependent part of the check runs once it is loaded
+            saved = ckpt.read_state(found).get("fingerprint", {})
+            mine = {**ckpt.config_fingerprint(config), "num_processes": int(os.environ.get("WORLD_SIZE", "1"))}
+            ckpt.check_fingerprint(saved, mine)
 
 
 class SkipCounter:
@@ -120,7 +166,19 @@ class SkipCounter:
         self.items: list[SkippedItem] = []
 
     def on_batch(self, batch: dict[str, Any]) -> None:
-        self.items.extend(batch.get("skipped", ()))
+        seen = {(i.kind, i.key) for i in self.items}
+        for item in batch.get("skipped", ()):
+            if (item.kind, item.key) not in seen:  # a bad pair met again (next epoch) counts once
+                seen.add((item.kind, item.key))
+                self.items.append(item)
+                _say(f"data: skipped {item.kind} at {item.key}: {item.detail}")
+
+    # saved in checkpoints, so a resumed run still reports the pairs skipped before the kill
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": [[i.kind, i.key, i.detail] for i in self.items]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.items = [SkippedItem(*entry) for entry in state.get("skipped", [])]
 
     def on_train_end(self, accelerator: Any) -> None:
         items = self.items
@@ -129,6 +187,7 @@ class SkipCounter:
 
             items = gather_object(items)
         self.dataset.report.record_skipped(items)
+        _say(f"data: after training: {self.dataset.report.summary()}")
 
     def report(self) -> dict[str, Any]:
         return {**self.dataset.report.as_dict(), "summary": self.dataset.report.summary()}
@@ -137,6 +196,7 @@ class SkipCounter:
 def run_train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult:
     """``snpo train``: see the module docstring."""
     config.validate()
+    preflight(config)
     check_optional_packages(config)
     family = detect_family(config.model_name_or_path, revision=config.revision)
     extra: dict[str, Any] = {}
@@ -164,8 +224,11 @@ def run_train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult
         counter = SkipCounter(pairs)
         collate = collate_pairs
         extra.update(sampler=sampler, on_batch=counter.on_batch, on_train_end=counter.on_train_end,
-                     data_report=counter.report)
+                     data_report=counter.report, stateful=[counter])
     method = SingleNetworkMethod(backbone, config.objective_config, config.cfg_dropout)
+    from snpo.training.speed import apply_speed_options  # opt-in; see BENCHMARKS.md
+
+    apply_speed_options(config, backbone, method)
     description = backbone.describe()
     trainer = Trainer(
         config, backbone, dataset, method, collate_fn=collate, show_progress=show_progress,

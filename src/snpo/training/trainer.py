@@ -123,12 +123,15 @@ class Trainer:
         sampler: Sampler[int] | None = None,
         on_batch: Callable[[dict[str, Any]], None] | None = None,
         on_train_end: Callable[[Accelerator], None] | None = None,
+        stateful: list[Any] | None = None,
     ) -> None:
         """``sampler`` (default: ``EpochShuffleSampler``) must have ``set_epoch`` and depend
         only on (seed, epoch), so every process sees the same order. ``on_batch(batch)`` sees
         every micro-batch on every process before the loss (e.g. to count skipped pairs);
         ``on_train_end(accelerator)`` runs on every process after the last step, before the
-        model is saved (e.g. to gather counts from all processes)."""
+        model is saved (e.g. to gather counts from all processes). ``stateful`` objects
+        (``state_dict()`` -> JSON-able, ``load_state_dict``) are saved per process in every
+        checkpoint and restored on resume (e.g. the pairs skipped so far)."""
         self.config = config
         self.backbone = backbone
         self.dataset = dataset
@@ -144,6 +147,9 @@ class Trainer:
         self.sampler = sampler
         self.on_batch = on_batch
         self.on_train_end = on_train_end
+        self.stateful = list(stateful or [])
+        # non-finite step counters, saved in checkpoints so a resumed run counts on
+        self._counters = {"nonfinite_skipped": 0, "consecutive_nonfinite": 0}
 
     # ------------------------------------------------------------------------------------
     def _make_accelerator(self) -> Accelerator:
@@ -186,6 +192,8 @@ class Trainer:
                 "check the launcher and accelerate config (ACCELERATE_USE_CPU=1 on CPU machines)"
             )
         set_seed(c.seed)
+        # the weights the run starts from, before adapters or casts: a resume must start there too
+        self._weights_digest = ckpt.weights_digest(self.model)
         if c.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         output_dir = Path(c.output_dir)
@@ -229,6 +237,8 @@ class Trainer:
 
         checkpoint_root = output_dir / "checkpoints"
         global_step = 0
+        self._counters = {"nonfinite_skipped": 0, "consecutive_nonfinite": 0}
+        self._prepared = (model, optimizer, lr_scheduler, params)
         if c.resume_from_checkpoint:
             found = ckpt.resolve_checkpoint(checkpoint_root, c.resume_from_checkpoint)
             if found is None:
@@ -236,14 +246,21 @@ class Trainer:
             else:
                 state = ckpt.read_state(found)
                 self._check_resumable(state)
-                accelerator.load_state(str(found))
+                ckpt.load_training_files(found, state, accelerator, model, optimizer, lr_scheduler, params,
+                                         self.stateful)
                 global_step = int(state["global_step"])
+                for key in self._counters:
+                    self._counters[key] = int(state.get(key, 0))
                 accelerator.print(f"resumed from {found} at step {global_step}")
 
+        metrics_file = output_dir / "metrics.jsonl" if self.write_logs else None
+        if c.resume_from_checkpoint and metrics_file is not None and accelerator.is_main_process:
+            truncate_metrics(metrics_file, global_step)  # steps after the checkpoint are replayed
         if self.write_logs and accelerator.is_main_process and c.report_to != "none":
             tracker_config = {k: v for k, v in config_to_dict(c).items() if v is not None}
-            accelerator.init_trackers(c.tracker_project_name, config=tracker_config)
-        metrics_file = output_dir / "metrics.jsonl" if self.write_logs else None
+            # a resumed run replays the steps after its checkpoint: drop their old events
+            init_kwargs = {"tensorboard": {"purge_step": global_step + 1}} if global_step else {}
+            accelerator.init_trackers(c.tracker_project_name, config=tracker_config, init_kwargs=init_kwargs)
 
         result = self._loop(
             accelerator, model, optimizer, lr_scheduler, dataloader, sampler, params,
@@ -280,35 +297,31 @@ class Trainer:
         return full
 
     def _check_resumable(self, state: dict[str, Any]) -> None:
-        """Refuse a checkpoint written by another model or objective."""
-        saved = state.get("fingerprint", {})
-        mine = self._fingerprint()
-        for key, value in mine.items():
-            if key in saved and saved[key] != value:
-                raise ValueError(
-                    f"resume_from_checkpoint: checkpoint was written with {key}={saved[key]!r}, "
-                    f"this run has {key}={value!r}"
-                )
+        """Refuse a checkpoint written by another model, objective or batch layout."""
+        ckpt.check_fingerprint(state.get("fingerprint", {}), self._fingerprint())
 
     def _fingerprint(self) -> dict[str, Any]:
-        c = self.config
+        """What a resumed run must share with the run that wrote the checkpoint: the model
+        (path, family and a digest of its starting weights), the objective, and the batch
+        layout (per-pair seeds and the data order depend on it)."""
         return {
-            "model_name_or_path": c.model_name_or_path, "objective": c.objective,
-            "lora_rank": c.lora_rank, "family": self.backbone.family,
-            "per_device_train_batch_size": c.per_device_train_batch_size,
-            "gradient_accumulation_steps": c.gradient_accumulation_steps,
+            **ckpt.config_fingerprint(self.config), "family": self.backbone.family,
+            "num_processes": AcceleratorState().num_processes,
+            "weights": getattr(self, "_weights_digest", None),
         }
 
     def _save_checkpoint(self, accelerator: Accelerator, root: Path, step: int) -> None:
+        """An atomic checkpoint of safetensors and JSON (see ``snpo.training.checkpoint``)."""
         tmp = root / f"checkpoint-{step}.tmp"
         if accelerator.is_main_process:
             ckpt.begin_checkpoint(root, step)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)
+        model, optimizer, lr_scheduler, params = self._prepared
+        fmt = ckpt.save_training_files(tmp, accelerator, model, optimizer, lr_scheduler, params, self.stateful)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            state = {"global_step": step, "fingerprint": self._fingerprint(),
-                     "num_processes": accelerator.num_processes}
+            state = {"format": fmt, "global_step": step, "fingerprint": self._fingerprint(),
+                     "num_processes": accelerator.num_processes, **self._counters}
             ckpt.finish_checkpoint(root, tmp, step, state, self.config.checkpoints_total_limit)
         accelerator.wait_for_everyone()
 
@@ -328,7 +341,7 @@ class Trainer:
                 f"gradient_accumulation_steps: {accum} micro-batches a step is more than the "
                 f"{len(dataloader)} batches an epoch holds"
             )
-        result = TrainResult(global_step=global_step)
+        result = TrainResult(global_step=global_step, skipped_nonfinite=self._counters["nonfinite_skipped"])
         progress = tqdm(
             total=c.max_steps, initial=global_step, desc=getattr(self.method, "progress_name", f"train {c.objective}"),
             disable=not (self.show_progress and accelerator.is_local_main_process), dynamic_ncols=True,
@@ -338,7 +351,8 @@ class Trainer:
             open(metrics_file, "a")  # noqa: SIM115
             if (metrics_file and accelerator.is_main_process) else None
         )
-        consecutive_nonfinite = 0
+        consecutive_nonfinite = self._counters["consecutive_nonfinite"]
+        nonfinite_losses = torch.zeros((), device=accelerator.device)
         model.train()
         step_start = time.perf_counter()
         try:
@@ -373,15 +387,25 @@ class Trainer:
                         if not empty:  # one process: an empty micro-batch adds no gradient
                             with accelerator.autocast():
                                 loss, metrics = self.method.compute_loss(model, data, seeds)
+                            # counted on the device: no host sync per micro-batch
+                            nonfinite_losses = nonfinite_losses + (~torch.isfinite(loss.detach().float())).sum()
                             accelerator.backward(loss)
                             micro_metrics.append(metrics)
                         grad_norm = None
                         if accelerator.sync_gradients:
                             grad_norm = self._clip(accelerator, params)
-                            finite = grad_norm is None or math.isfinite(grad_norm)
-                            if finite:
+                            loss_finite = self._losses_finite(accelerator, nonfinite_losses)
+                            nonfinite_losses = torch.zeros((), device=accelerator.device)
+                            grads_finite = grad_norm is None or math.isfinite(grad_norm)
+                            scaler = accelerator.scaler
+                            finite = loss_finite and grads_finite
+                            if loss_finite and (grads_finite or scaler is not None):
+                                # under fp16 the GradScaler skips a step whose gradients
+                                # overflowed and lowers its scale: that is its job, not ours
                                 optimizer.step()
                                 lr_scheduler.step()
+                            elif scaler is not None:
+                                scaler.update()  # a skipped step still closes the scaler's cycle
                             optimizer.zero_grad(set_to_none=True)
                     micro += 1
                     if not accelerator.sync_gradients:
@@ -389,18 +413,24 @@ class Trainer:
                     # ---- one optimizer step done ---------------------------------------
                     global_step += 1
                     micro = 0
+                    stop = False
                     if finite:
                         consecutive_nonfinite = 0
                     else:
-                        consecutive_nonfinite += 1
                         result.skipped_nonfinite += 1
-                        accelerator.print(f"step {global_step}: non-finite loss or gradient, step skipped")
-                        if consecutive_nonfinite >= c.max_nonfinite_steps:
-                            raise NonFiniteError(
-                                f"{consecutive_nonfinite} consecutive steps had a non-finite loss or "
-                                f"gradient (max_nonfinite_steps={c.max_nonfinite_steps}); stopping. "
-                                "Lower learning_rate or beta, or check the data."
-                            )
+                        # an fp16 overflow with a finite loss is normal while the GradScaler
+                        # finds its scale; it counts once the scale is below 1 (a real blow-up)
+                        overflow = loss_finite and scaler is not None and scaler.get_scale() >= 1.0
+                        if not overflow:
+                            consecutive_nonfinite += 1
+                        if overflow:
+                            accelerator.print(f"step {global_step}: gradient overflow (fp16); the GradScaler "
+                                              f"skipped the step and lowered its scale to {scaler.get_scale():g}")
+                        else:
+                            what = "non-finite loss" if not loss_finite else "non-finite gradient"
+                            accelerator.print(f"step {global_step}: {what}; step skipped ({consecutive_nonfinite} "
+                                              f"in a row, max_nonfinite_steps={c.max_nonfinite_steps})")
+                        stop = consecutive_nonfinite >= c.max_nonfinite_steps  # raised once logged
                     elapsed = time.perf_counter() - step_start
                     step_start = time.perf_counter()
                     logged = self._reduce_metrics(accelerator, micro_metrics)
@@ -415,17 +445,25 @@ class Trainer:
                     })
                     result.history.append(logged)
                     result.final_metrics = logged
-                    if global_step % c.logging_steps == 0 or global_step == c.max_steps:
+                    if global_step % c.logging_steps == 0 or global_step == c.max_steps or stop:
                         if metrics_fh is not None:
                             metrics_fh.write(json.dumps(_jsonable(logged)) + "\n")
                             metrics_fh.flush()
                         if accelerator.trackers:
                             accelerator.log({k: v for k, v in logged.items() if k != "step" and math.isfinite(v)},
                                             step=global_step)
+                    if stop:
+                        raise NonFiniteError(
+                            f"{consecutive_nonfinite} consecutive steps had a non-finite loss or "
+                            f"gradient (max_nonfinite_steps={c.max_nonfinite_steps}); stopping at step "
+                            f"{global_step}. Lower learning_rate or beta, or check the data."
+                        )
                     progress.update(1)
                     progress.set_postfix(
                         {k.split("/")[-1]: f"{logged[k]:.3g}" for k in PROGRESS_KEYS if k in logged}, refresh=False
                     )
+                    self._counters = {"nonfinite_skipped": result.skipped_nonfinite,
+                                      "consecutive_nonfinite": consecutive_nonfinite}
                     if self._should_checkpoint(global_step):
                         self._save_checkpoint(accelerator, checkpoint_root, global_step)
                     if global_step >= c.max_steps:
@@ -450,8 +488,18 @@ class Trainer:
         if c.max_grad_norm > 0:
             norm = accelerator.clip_grad_norm_(params, c.max_grad_norm)
             return None if norm is None else float(norm)  # None: DeepSpeed clips inside its engine
+        if accelerator.scaler is not None:
+            accelerator.unscale_gradients()  # the true norm, and the scaler's inf check
         grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
         return float(torch.stack(grads).norm()) if grads else 0.0
+
+    @staticmethod
+    def _losses_finite(accelerator: Accelerator, nonfinite_losses: Tensor) -> bool:
+        """True when every process's losses of this step were finite: all processes must
+        agree, or skipping the step on one of them would make their weights diverge."""
+        if accelerator.num_processes > 1:
+            nonfinite_losses = accelerator.reduce(nonfinite_losses.float().reshape(1), reduction="sum")
+        return float(nonfinite_losses.sum()) == 0
 
     @staticmethod
     def _reduce_metrics(accelerator: Accelerator, micro_metrics: list[dict[str, Tensor]]) -> dict[str, float]:
@@ -465,6 +513,22 @@ class Trainer:
             stacked = accelerator.gather(stacked)
         means = torch.nanmean(stacked, dim=0).cpu().tolist()
         return dict(zip(keys, means))
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines of ``metrics.jsonl`` up to ``step``: a resumed run replays the steps
+    after its checkpoint and logs them again. A line cut short by a kill is dropped too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    ckpt.atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def _jsonable(metrics: dict[str, float]) -> dict[str, Any]:

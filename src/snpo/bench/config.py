@@ -1,0 +1,121 @@
+"""``BenchConfig`` (every key of ``snpo bench``) and the configurations a run measures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Every configuration the benchmark knows. ``kind``: which loop runs it; the rest are
+#: differences from the snpo default (``objective: dpo`` from the latent/text cache, LoRA,
+#: SDPA attention, contiguous memory, the trainer's optimizer, no torch.compile).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "reference-script": {
+        "kind": "reference-script", "objective": "dpo",
+        "about": "the diffusers diffusion_dpo loop: decode, VAE encode (sample) and text encoder every step"},
+    "dpo-uncached": {
+        "objective": "dpo", "cached": False,
+        "about": "snpo trainer, no cache: decode, VAE encode (mean) and text encoder every step"},
+    "dpo": {"objective": "dpo", "about": "snpo default: latents and text from the cache (`snpo cache`)"},
+    "objectives": {
+        "method": "objectives", "objective": "dpo",
+        "objectives": ["dpo", "bdpo", "snpo-naive", "snpo", "sft"],
+        "about": "the five single-network objectives taking turns step by step in one process"},
+    "snpo": {"objective": "snpo", "about": "Diff-SNPO (bounded), from the cache"},
+    "npo-negative": {
+        "method": "npo-negative", "objective": "dpo",
+        "about": "Diff-NPO's second run: dpo on reversed labels (its first run is `dpo`)"},
+    "chats": {"method": "chats", "objective": "dpo",
+              "about": "CHATS: win + lose networks trained together, plus the reference"},
+    "snpo-eager-attention": {"objective": "snpo", "attention": "classic",
+                             "about": "before SDPA: diffusers' AttnProcessor (bmm + softmax)"},
+    "snpo-channels-last": {"objective": "snpo", "channels_last": True,
+                           "about": "channels_last: true (NHWC weights and inputs)"},
+    "snpo-fused-adamw": {"objective": "snpo", "optimizer": "fused",
+                         "about": "AdamW(fused=True) on this device"},
+    "snpo-compile": {"objective": "snpo", "torch_compile": True,
+                     "about": "torch_compile: true (compile time excluded: warm-up steps)"},
+    "snpo-store-write": {"objective": "snpo", "store": "write",
+                         "about": "precompute_reference: true, first run of a sweep (records e_ref)"},
+    "snpo-store-read": {"objective": "snpo", "store": "read", "beta": 5000.0,
+                        "about": "precompute_reference: true, a later sweep run (beta 5000): no reference forward"},
+    "snpo-full": {"objective": "snpo", "lora_rank": 0,
+                  "about": "full fine-tune (lora_rank 0): frozen reference copy, AdamW over the whole UNet"},
+}
+
+DEFAULT_PLAN = (
+    "reference-script", "dpo-uncached", "dpo", "objectives", "snpo", "npo-negative", "chats",
+    "snpo-eager-attention", "snpo-channels-last", "snpo-store-write", "snpo-store-read",
+    "snpo-compile", "snpo-full",
+)
+
+#: ``snpo bench --quick``: the whole plan on the tiny architecture, in one process (seconds).
+QUICK_OVERRIDES: dict[str, Any] = {
+    "arch": "tiny", "resolution": 32, "warmup_steps": 1, "measure_steps": 1, "rounds": 1,
+    "isolate": False, "compile": "never", "output_dir": "snpo-bench-quick",
+}
+
+
+@dataclass
+class BenchConfig:
+    """``snpo bench``: pairs per second, peak memory and per-phase times per configuration."""
+
+    arch: str = "sd15"  # tiny | sd15 | sdxl (random-init copies of the real architectures)
+    resolution: int = 128
+    batch_size: int = 2  # pairs per step
+    lora_rank: int = 8
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 1  # torch threads per configuration on CPU (OMP_NUM_THREADS); 0 = torch's choice
+    beta: float = 2000.0
+    warmup_steps: int = 1  # per configuration, not timed (the first one also counts FLOPs)
+    measure_steps: int = 2  # timed steps per configuration and round
+    rounds: int = 1  # the plan is run this many times, interleaved; medians over all rounds
+    variants: list[str] = field(default_factory=list)  # empty = the default plan
+    skip: list[str] = field(default_factory=list)
+    compile: str = "auto"  # snpo-compile: auto (tiny only: CPU compile of SD-size UNets takes many minutes) | always | never
+    full_finetune: str = "auto"  # snpo-full: auto (only if memory allows) | always | never
+    count_flops: bool = True
+    isolate: bool = True  # one fresh process per configuration (needed for CPU peak memory)
+    timeout_s: int = 3600  # per configuration
+    output_dir: str = "snpo-bench"
+    work_dir: str | None = None  # models and data, reused across runs; default $SNPO_CACHE/bench
+    quick: bool = False  # tiny architecture, one process, seconds (QUICK_OVERRIDES)
+    seed: int = 0
+
+    def validate(self) -> None:
+        from snpo.bench.assets import ARCHS
+
+        choices = [
+            ("arch", self.arch, ARCHS), ("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16")),
+            ("device", self.device, ("auto", "cpu", "cuda")), ("compile", self.compile, ("auto", "always", "never")),
+            ("full_finetune", self.full_finetune, ("auto", "always", "never")),
+        ]
+        for name, value, allowed in choices:
+            if value not in allowed:
+                raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+        checks = [
+            ("resolution", self.resolution >= 16 and self.resolution % 8 == 0, "a multiple of 8, >= 16"),
+            ("batch_size", self.batch_size >= 1, "an integer >= 1"),
+            ("lora_rank", self.lora_rank >= 1, "an integer >= 1 (full fine-tune is the snpo-full configuration)"),
+            ("threads", self.threads >= 0, "an integer >= 0"),
+            ("warmup_steps", self.warmup_steps >= 0, "an integer >= 0"),
+            ("measure_steps", self.measure_steps >= 1, "an integer >= 1"),
+            ("rounds", self.rounds >= 1, "an integer >= 1"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name}: expected {allowed}, got {getattr(self, name)!r}")
+        for name in [*self.variants, *self.skip]:
+            if name not in VARIANTS:
+                raise ValueError(f"variants: unknown {name!r}; known: {', '.join(VARIANTS)}")
+
+    def plan(self) -> list[str]:
+        names = list(self.variants) or list(DEFAULT_PLAN)
+        if not self.variants:
+            if self.compile == "never" or (self.compile == "auto" and self.arch != "tiny"):
+                names.remove("snpo-compile")
+            if self.full_finetune == "never":
+                names.remove("snpo-full")
+        if "snpo-store-read" in names and "snpo-store-write" not in names:
+            names.insert(names.index("snpo-store-read"), "snpo-store-write")
+        return [n for n in names if n not in self.skip]

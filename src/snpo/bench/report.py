@@ -1,0 +1,234 @@
+"""Medians, ratios and the markdown tables of a ``snpo bench`` run."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from snpo.bench.config import VARIANTS
+from snpo.bench.timing import PHASES
+
+GiB = 2**30
+#: Diffusion-DPO on Pick-a-Pic: 2000 steps x 2048 pairs over 851k pairs = 4.8 epochs
+PAPER_EPOCHS = 2000 * 2048 / 851_293
+
+SPEEDUPS = (  # (option, before, after)
+    ("latent/text cache (`snpo cache`)", "dpo-uncached", "dpo"),
+    ("SDPA attention (diffusers default) vs AttnProcessor", "snpo-eager-attention", "snpo"),
+    ("`channels_last: true`", "snpo", "snpo-channels-last"),
+    ("`torch_compile: true`", "snpo", "snpo-compile"),
+    ("fused AdamW", "snpo", "snpo-fused-adamw"),
+    ("`precompute_reference`: first sweep run (records)", "snpo", "snpo-store-write"),
+    ("`precompute_reference`: later sweep runs (reads)", "snpo", "snpo-store-read"),
+)
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _entry(steps: list[dict[str, Any]], runs: list[dict[str, Any]], batch: int) -> dict[str, Any] | None:
+    if not steps:
+        return None
+    wall = _median([s["wall_s"] for s in steps])
+    flops = next((s["flops"] for r in runs for s in r["steps"] if "flops" in s), None)
+    peaks = [r["memory"]["peak_bytes"] for r in runs if r["memory"].get("peak_bytes")]
+    starts = [r["memory"]["start_bytes"] for r in runs if r["memory"].get("start_bytes")]
+    return {
+        "measured_steps": len(steps),
+        "step_s": wall,
+        "step_s_all": [round(s["wall_s"], 4) for s in steps],
+        "pairs_per_s": batch / wall,
+        "phases_s": {p: _median([s["phases_s"].get(p, 0.0) for s in steps]) for p in PHASES},
+        "cpu_step_s": _median([s["cpu_s"] for s in steps if "cpu_s" in s]),
+        "phases_cpu_s": {p: _median([s.get("phases_cpu_s", {}).get(p, 0.0) for s in steps]) for p in PHASES},
+        "peak_gib": max(peaks) / GiB if peaks else None,
+        "start_gib": min(starts) / GiB if starts else None,
+        "memory_method": runs[0]["memory"].get("method"),
+        "flops_per_step": flops,
+        "parameters": runs[0].get("parameters"),
+        "store": runs[-1].get("store"),
+    }
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    config = results["config"]
+    warmup, batch = config["warmup_steps"], config["batch_size"]
+    variants: dict[str, Any] = {}
+    failures: dict[str, str] = {}
+    for name, runs in results["runs"].items():
+        ok = [r for r in runs if r.get("ok")]
+        for r in runs:
+            if not r.get("ok"):
+                failures[name] = str(r.get("error"))
+        if not ok:
+            continue
+        measured = [s for r in ok for s in r["steps"][warmup:]]
+        if VARIANTS[name].get("method") == "objectives":
+            for objective in VARIANTS[name]["objectives"]:
+                entry = _entry([s for s in measured if s.get("label") == objective], ok, batch)
+                if entry:
+                    entry["flops_per_step"] = None if objective != "dpo" else entry["flops_per_step"]
+                    variants[f"objectives/{objective}"] = entry
+        else:
+            entry = _entry(measured, ok, batch)
+            if entry:
+                variants[name] = entry
+
+    probe = results.get("probe") or {}
+    bf16 = config["mixed_precision"] == "bf16"
+    peak_rate = probe.get("matmul_bf16_flops" if bf16 else "matmul_fp32_flops")
+    for entry in variants.values():
+        flops = (entry.get("flops_per_step") or {}).get("total")
+        if flops and entry["step_s"]:
+            entry["achieved_flops"] = flops / entry["step_s"]
+            entry["mfu"] = entry["achieved_flops"] / peak_rate if peak_rate else None
+
+    def step(name: str, key: str = "step_s") -> float | None:
+        return variants.get(name, {}).get(key)
+
+    def peak(name: str) -> float | None:
+        return variants.get(name, {}).get("peak_gib")
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    def npo(key: str) -> float | None:  # Diff-NPO trains two models on the same pairs
+        a, b = step("dpo", key), step("npo-negative", key)
+        return a + b if a and b else None
+
+    npo_peak = max(peak("dpo") or 0, peak("npo-negative") or 0) or None
+    times = [  # (what, numerator, denominator, target): ratios of step times, wall and CPU
+        ("snpo default (dpo from the cache) vs the reference script: speed-up in pairs/s",
+         "reference-script", "dpo", ">= 1.3x on CPU"),
+        ("snpo without the cache vs the reference script: speed-up in pairs/s",
+         "reference-script", "dpo-uncached", "about 1x (same work)"),
+        ("SNPO vs DPO step time (interleaved, one process)", "objectives/snpo", "objectives/dpo",
+         "within 5%"),
+        ("BDPO vs DPO step time (interleaved, one process)", "objectives/bdpo", "objectives/dpo",
+         "within 5%"),
+        ("SNPO vs DPO step time (separate processes)", "snpo", "dpo", "within 5%"),
+        ("Diff-NPO vs SNPO: time per trained pair (two runs: dpo + reversed labels)", "npo", "snpo",
+         "paper: about 2x"),
+        ("CHATS vs SNPO: time per trained pair", "chats", "snpo", "paper: 1.86x"),
+        ("full fine-tune vs LoRA: step time", "snpo-full", "snpo", ""),
+    ]
+    headline = []
+    for what, a, b, target in times:
+        pick = (lambda n, k: npo(k)) if a == "npo" else step
+        headline.append({"what": what, "target": target,
+                         "ratio": ratio(pick(a, "step_s"), step(b)),
+                         "ratio_cpu": ratio(pick(a, "cpu_step_s"), step(b, "cpu_step_s"))})
+    for what, a, b in (
+        ("snpo default vs the reference script: peak memory", peak("dpo"), peak("reference-script")),
+        ("Diff-NPO vs SNPO: peak memory of its larger run", npo_peak, peak("snpo")),
+        ("CHATS vs SNPO: peak memory", peak("chats"), peak("snpo")),
+        ("full fine-tune vs LoRA: peak memory", peak("snpo-full"), peak("snpo")),
+    ):
+        headline.append({"what": what, "target": "", "ratio": ratio(a, b), "ratio_cpu": None})
+    speedups = [
+        {"option": option, "before": before, "after": after,
+         "before_s": step(before), "after_s": step(after), "speedup": ratio(step(before), step(after)),
+         "speedup_cpu": ratio(step(before, "cpu_step_s"), step(after, "cpu_step_s"))}
+        for option, before, after in SPEEDUPS if step(before) and step(after)
+    ]
+    cache = results.get("cache") or {}
+    amortised = None
+    if cache.get("cache_build_s") and cache.get("num_pairs") and step("dpo") and step("reference-script"):
+        per_pair = cache["cache_build_s"] / cache["num_pairs"]
+        cached_pair = step("dpo") / batch
+        ref_pair = step("reference-script") / batch
+        amortised = {
+            "build_s_per_pair": per_pair, "random_flip": cache.get("random_flip"),
+            "speedup_1_epoch": ref_pair / (cached_pair + per_pair),
+            "speedup_paper_schedule": ref_pair / (cached_pair + per_pair / PAPER_EPOCHS),
+            "paper_epochs": PAPER_EPOCHS,
+        }
+    return {
+        "variants": variants, "failures": failures, "headline": headline,
+        "speedups": speedups, "cache_amortised": amortised, "peak_matmul_flops": peak_rate,
+    }
+
+
+# ---- markdown ---------------------------------------------------------------------------
+def _f(value: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    s, config, machine = results["summary"], results["config"], results["machine"]
+    probe = results.get("probe") or {}
+    lines = [
+        f"### {config['arch']} architecture (random weights), {config['resolution']} px, "
+        f"{config['batch_size']} pairs/step, LoRA r{config['lora_rank']}, "
+        f"precision {config['mixed_precision']}",
+        "",
+        f"- device: {machine['device']}"
+        + (f"; {machine['threads_per_configuration']} torch thread(s) per configuration"
+           if machine.get("threads_per_configuration") else ""),
+        f"- torch {machine['torch']}; {machine['cpu_count']} CPU cores; load average (1/5/15 min) "
+        f"{'/'.join(f'{x:.2f}' for x in machine['load_average_start'])} at start, "
+        f"{'/'.join(f'{x:.2f}' for x in machine.get('load_average_end', []))} at end",
+        f"- {config['warmup_steps']} warm-up + {config['measure_steps']} measured steps per "
+        f"configuration, {config['rounds']} round(s) interleaved; medians over all measured steps",
+        f"- started {machine['started']}, finished {machine.get('finished', '?')}",
+        "",
+        "Step times in seconds (wall clock; `CPU s` is the process's CPU time), phases in wall "
+        "seconds, medians over the measured steps.",
+        "",
+        "| configuration | pairs/s | step s | CPU s | vs ref. script | peak GiB | data | encode "
+        "| policy fwd | ref. fwd | policy bwd | optimizer | other | GFLOP/step | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ref = s["variants"].get("reference-script", {}).get("step_s")
+    for name, e in s["variants"].items():
+        p = e["phases_s"]
+        flops = (e.get("flops_per_step") or {}).get("total")
+        lines.append(
+            f"| {name} | {e['pairs_per_s']:.3f} | {e['step_s']:.2f} | {_f(e.get('cpu_step_s'))} | "
+            f"{_f(ref / e['step_s'] if ref else None, '{:.2f}x')} | {_f(e['peak_gib'])} | "
+            + " | ".join(_f(p[k]) for k in PHASES)
+            + f" | {_f(flops / 1e9 if flops else None, '{:.0f}')} | {_f(e.get('mfu'), '{:.1%}')} |"
+        )
+    lines += ["", "| comparison | wall clock | CPU time | target / paper |", "|---|---|---|---|"]
+    for h in s["headline"]:
+        lines.append(f"| {h['what']} | {_f(h['ratio'], '{:.2f}x')} | "
+                     f"{_f(h.get('ratio_cpu'), '{:.2f}x')} | {h['target']} |")
+    if s["speedups"]:
+        lines += ["", "| speed option | before (step s) | after (step s) | speed-up (wall) "
+                  "| speed-up (CPU) |", "|---|---|---|---|---|"]
+        for u in s["speedups"]:
+            lines.append(f"| {u['option']} | {u['before']}: {u['before_s']:.2f} | {u['after']}: "
+                         f"{u['after_s']:.2f} | {u['speedup']:.2f}x | {_f(u.get('speedup_cpu'), '{:.2f}x')} |")
+    a = s.get("cache_amortised")
+    if a:
+        lines += ["", f"Cache build: {results['cache']['cache_build_s']:.1f} s for "
+                  f"{results['cache']['num_pairs']} pairs = {a['build_s_per_pair']:.2f} s/pair "
+                  f"(random_flip={a['random_flip']}: both orientations encoded). Speed-up over the "
+                  f"reference script counting the build: {a['speedup_1_epoch']:.2f}x for one epoch, "
+                  f"{a['speedup_paper_schedule']:.2f}x over the Diffusion-DPO schedule "
+                  f"({a['paper_epochs']:.1f} epochs)."]
+    for key, title in (("optimizer_lora", "LoRA adapters"), ("optimizer_full", "full UNet")):
+        o = probe.get(key)
+        if o:
+            scale = o.get("scale_to_full", 1.0)
+            what = f"{o['parameters'] / 1e6:.1f}M parameters" + (
+                f", a prefix of the UNet's tensors, times {scale:.1f} for all of it" if scale > 1.001 else "")
+            lines.append(f"- AdamW step, {title} ({what}): " + ", ".join(
+                f"{impl} {_f(o.get(impl) * scale * 1e3 if o.get(impl) is not None else None, '{:.1f}')} ms"
+                for impl in ("forloop", "foreach", "fused")))
+    rate = s.get("peak_matmul_flops")
+    if rate:
+        lines.append(f"- MFU = counted FLOPs of a step (FlopCounterMode: matmul, conv, attention, "
+                     f"forward and backward, encoders included) / step time / measured "
+                     f"{'bf16' if config['mixed_precision'] == 'bf16' else 'fp32'} matmul rate "
+                     f"{rate / 1e9:.1f} GFLOP/s")
+    for name, why in results.get("skipped", {}).items():
+        lines.append(f"- skipped {name}: {why}")
+    for name, err in s["failures"].items():
+        lines.append(f"- FAILED {name}: {err.splitlines()[0] if err else err}")
+    mem = next((e.get("memory_method") for e in s["variants"].values()), None)
+    if mem:
+        lines.append(f"- peak memory: {mem}, per configuration (fresh process each)"
+                     if config.get("isolate") else f"- peak memory: {mem} (one process: not isolated)")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,526 @@
+"""``snpo sample``: images for a prompt set from a base model, a LoRA, a full fine-tune, a
+Diff-NPO pair or a CHATS pair; several seeds, batched, resumable, with a manifest.
+
+    snpo sample --model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --lora runs/snpo --prompts pickapic_v2/data --prompts_split test_unique \\
+        --seeds 0,1,2,3 --output_dir samples/snpo
+
+The model is ``model_name_or_path`` (a diffusers pipeline folder or hub id, or a snpo toy
+folder) with at most one of:
+
+- ``lora``: a LoRA (``pytorch_lora_weights.safetensors``, as ``snpo train`` saves it), fused
+  into the denoiser's weights (``theta + scale * B @ A``: sampling runs at plain-UNet speed);
+- ``unet``: full fine-tuned denoiser weights (a training output folder with ``unet/``, a unet
+  folder or a ``.safetensors`` file);
+- ``chats``: a CHATS output folder (``win/`` and ``lose/``, each a LoRA or full weights),
+  sampled with ``eps_win(c) + s (eps_win(c) - eps_lose(proxy))``, ``proxy = (1 + a) null -
+  a c``. CHATS' ``s`` acts like CFG's ``s + 1``: ``chats_guidance_scale`` defaults to
+  ``guidance_scale - 1``, the same extrapolation as plain CFG.
+
+plus, for Diff-NPO, ``npo_negative``: the network trained on reversed preferences (LoRA or
+full), which serves the null branch: ``eps_neg(null) + s (eps_pos(c) - eps_neg(null))``, the
+positive network being the base with ``lora``/``unet`` applied. With ``npo_merge`` (default)
+the null-branch network is the Diff-NPO merge ``theta_ref + a (theta_pos - theta_ref) + b
+(theta_npo - theta_ref)`` (``npo_merge_a``, ``npo_merge_b``; public code: 1 and 1); pass an
+already merged model (``snpo merge``) with ``npo_merge false``.
+
+Images. Seed ``s`` draws the initial latent from ``torch.Generator("cpu").manual_seed(s)``
+for every prompt: the same start a diffusers pipeline makes for ``pipe(prompt,
+generator=torch.Generator("cpu").manual_seed(s))``, and the same across runs, so runs are
+compared image for image. Work is planned per seed in batches of ``batch_size`` prompts in
+prompt order; a resumed run (the same command) skips every image already in the manifest
+and redraws a missing one within its original batch, so it writes exactly the images an
+uninterrupted run writes. (Batch composition matters because a batched forward may round
+differently from a single one on some hardware; a resume with another ``batch_size`` or
+device gives images equal to float rounding, not necessarily byte-identical.) Settings that
+change images (model, steps, guidance, scheduler, resolution, dtype) are checked against the
+folder's ``sample_settings.json``: a mismatch stops with one line instead of mixing images.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from snpo.evaluate import manifest as mf
+from snpo.evaluate.prompts import PROMPT_FORMATS, PromptSet, load_prompts
+from snpo.sampling import Guide, SamplingConfig
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class SampleConfig:
+    """Settings of ``snpo sample`` (YAML keys or ``--key value``); see the module docstring."""
+
+    model_name_or_path: str = ""
+    lora: str | None = None
+    lora_scale: float | None = None  # None: the adapter's own lora_alpha / r
+    unet: str | None = None
+    npo_negative: str | None = None
+    npo_merge: bool = True
+    npo_merge_a: float = 1.0
+    npo_merge_b: float = 1.0
+    chats: str | None = None
+    chats_guidance_scale: float | None = None  # None: guidance_scale - 1
+    chats_proxy_alpha: float = 0.5
+    vae: str | None = None  # another VAE folder or hub id (e.g. an fp16-safe SDXL VAE)
+    revision: str | None = None
+    prompts: str = ""
+    prompts_format: str = "auto"
+    prompts_split: str | None = None  # Pick-a-Pic: train, validation, test, test_unique, ...
+    max_prompts: int | None = None  # the first N prompts of the set
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: str = "ddim"
+    resolution: int | None = None  # None: the model's own (SD1.5 512, SDXL 1024)
+    batch_size: int = 8
+    output_dir: str = "snpo-samples"
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: str = "float32"
+    show_progress: bool = True
+
+    def validate(self) -> None:
+        """Every check that needs no model: one-line errors naming the key."""
+        if not self.model_name_or_path:
+            raise ValueError(
+                "model_name_or_path: required (a pipeline folder, hub id or toy folder)"
+            )
+        if not self.prompts:
+            raise ValueError(
+                "prompts: required (a .txt, HPDv2 .json, PartiPrompts .tsv or Pick-a-Pic parquet)"
+            )
+        if self.prompts_format not in PROMPT_FORMATS:
+            choices = ", ".join(PROMPT_FORMATS)
+            raise ValueError(
+                f"prompts_format: expected one of {choices}, got {self.prompts_format!r}"
+            )
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(f"max_prompts: expected an integer >= 1, got {self.max_prompts!r}")
+        if not self.seeds:
+            raise ValueError("seeds: expected at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: each seed once, got {list(self.seeds)}")
+        if any(not 0 <= s <= MAX_SEED for s in self.seeds):
+            raise ValueError(f"seeds: expected integers in [0, 2**63), got {list(self.seeds)}")
+        SamplingConfig(
+            self.num_inference_steps, self.guidance_scale, self.scheduler, self.batch_size
+        ).validate()
+        if self.resolution is not None and self.resolution < 8:
+            raise ValueError(
+                f"resolution: expected an image side >= 8 pixels, got {self.resolution!r}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        resolve_device(self.device)
+        for name in ("npo_merge_a", "npo_merge_b", "chats_proxy_alpha"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}: expected a finite number, got {getattr(self, name)!r}")
+        if self.lora_scale is not None and not math.isfinite(self.lora_scale):
+            raise ValueError(f"lora_scale: expected a finite number, got {self.lora_scale!r}")
+        if self.chats_guidance_scale is not None and self.chats_guidance_scale < 0:
+            raise ValueError(
+                f"chats_guidance_scale: expected a number >= 0, got {self.chats_guidance_scale!r}"
+            )
+        if self.lora and self.unet:
+            raise ValueError("unet: give lora or unet, not both (one positive network)")
+        if self.chats and (self.lora or self.unet or self.npo_negative):
+            raise ValueError(
+                "chats: a CHATS pair is its own model; drop lora, unet and npo_negative"
+            )
+        self._check_weights("lora", self.lora, "lora")
+        self._check_weights("unet", self.unet, "full")
+        self._check_weights("npo_negative", self.npo_negative, None)
+        if self.chats:
+            for part in ("win", "lose"):
+                if not (Path(self.chats) / part).exists():
+                    raise ValueError(
+                        f"chats: {self.chats} has no {part}/ (expected a CHATS output folder)"
+                    )
+                self._check_weights("chats", str(Path(self.chats) / part), None)
+
+    @staticmethod
+    def _check_weights(name: str, path: str | None, expected: str | None) -> None:
+        if not path:
+            return
+        from snpo.merging import resolve_weights
+
+        try:
+            kind, _ = resolve_weights(path)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+        if expected == "lora" and kind != "lora":
+            raise ValueError(f"lora: {path} holds full weights; pass it as unet")
+        if expected == "full" and kind != "full":
+            raise ValueError(f"unet: {path} holds a LoRA; pass it as lora")
+
+    @property
+    def resolved_chats_guidance_scale(self) -> float:
+        if self.chats_guidance_scale is not None:
+            return self.chats_guidance_scale
+        return max(self.guidance_scale - 1, 0.0)
+
+    def model_spec(self) -> dict[str, Any]:
+        """What the networks are made of (local paths made absolute): part of every image's
+        identity, recorded in the manifest."""
+        spec: dict[str, Any] = {"model_name_or_path": _path_or_id(self.model_name_or_path)}
+        if self.vae:
+            spec["vae"] = _path_or_id(self.vae)
+        if self.revision:
+            spec["revision"] = self.revision
+        if self.lora:
+            spec["lora"] = _path_or_id(self.lora)
+            spec["lora_scale"] = self.lora_scale
+        if self.unet:
+            spec["unet"] = _path_or_id(self.unet)
+        if self.npo_negative:
+            spec["npo_negative"] = _path_or_id(self.npo_negative)
+            spec["npo_merge"] = self.npo_merge
+            if self.npo_merge:
+                spec["npo_merge_a"], spec["npo_merge_b"] = self.npo_merge_a, self.npo_merge_b
+        if self.chats:
+            spec["chats"] = _path_or_id(self.chats)
+            spec["chats_proxy_alpha"] = self.chats_proxy_alpha
+        spec["guide"] = self.guide_kind
+        return spec
+
+    @property
+    def guide_kind(self) -> str:
+        return "chats" if self.chats else "npo" if self.npo_negative else "cfg"
+
+    def sampling_settings(self) -> dict[str, Any]:
+        """Settings that change the images (batch size and seeds do not: see the docstring)."""
+        guidance = self.resolved_chats_guidance_scale if self.chats else self.guidance_scale
+        return {
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": guidance,
+            "scheduler": self.scheduler,
+            "resolution": self.resolution,
+            "dtype": self.dtype,
+        }
+
+
+def _path_or_id(spec: str) -> str:
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+
+
+# ---- the networks and the guide ----------------------------------------------------------------
+def fused_state_dict(
+    denoiser: nn.Module, path: str | Path, *, lora_scale: float | None = None
+) -> dict[str, Tensor]:
+    """The denoiser's weights with ``path`` applied: a LoRA fused in (``theta + scale B A``)
+    or full fine-tuned weights (every key of the denoiser, same shapes)."""
+    from snpo.merging import LoraWeights, load_weights, merge_weights
+
+    reference = {k: v.detach() for k, v in denoiser.state_dict().items()}
+    source = load_weights(path, lora_scale=lora_scale)
+    if isinstance(source, LoraWeights):
+        # a = 1, b = 0: theta_ref + (theta_lora - theta_ref), computed on the LoRA's delta
+        return merge_weights(reference, source, source, 1.0, 0.0)
+    extra, missing = sorted(set(source) - set(reference)), sorted(set(reference) - set(source))
+    if extra or missing:
+        which = f"extra key {extra[0]!r}" if extra else f"missing key {missing[0]!r}"
+        raise ValueError(f"unet: {path} does not fit this model's denoiser ({which})")
+    out = {}
+    for key, value in reference.items():
+        loaded = source[key]
+        if loaded.shape != value.shape:
+            raise ValueError(
+                f"unet: {path} {key!r} has shape {tuple(loaded.shape)}, "
+                f"the model {tuple(value.shape)}"
+            )
+        out[key] = loaded.to(value.dtype)
+    return out
+
+
+def _apply(net: nn.Module, path: str | Path, lora_scale: float | None = None) -> nn.Module:
+    """``net`` with ``path`` applied in place (see :func:`fused_state_dict`)."""
+    net.load_state_dict(fused_state_dict(net, path, lora_scale=lora_scale))
+    return net
+
+
+@dataclass
+class Sampler:
+    """A loaded model ready to sample: the backbone, the guide and the image geometry."""
+
+    backbone: Any
+    guide: Guide
+    latent_shape: tuple[int, int, int]
+    resolution: int
+    networks: dict[str, nn.Module]
+    condition_extras: Callable[[int], dict[str, Tensor]]
+
+    def images(self, prompts: Sequence[str], seeds: Sequence[int], config: SampleConfig) -> Tensor:
+        """Images in [0, 1], (N, 3, H, W), one per (prompt, seed): one batch."""
+        from snpo.sampling import sample_images
+
+        sampling = SamplingConfig(
+            config.num_inference_steps,
+            config.guidance_scale,
+            config.scheduler,
+            batch_size=max(len(prompts), 1),
+        )
+        return sample_images(
+            self.backbone,
+            self.guide,
+            list(prompts),
+            list(seeds),
+            self.latent_shape,
+            sampling,
+            condition_extras=self.condition_extras(len(prompts)),
+        )
+
+
+def latent_geometry(backbone: Any, resolution: int | None) -> tuple[tuple[int, int, int], int]:
+    """(latent shape, image side) for a square image of ``resolution`` (None: the model's)."""
+    from snpo.backbones.toy import ToyBackbone
+
+    if isinstance(backbone, ToyBackbone):
+        factor, default = backbone.config.patch_size, backbone.config.resolution
+    else:
+        sample_size = backbone.denoiser.config.sample_size
+        sample_size = sample_size if isinstance(sample_size, int) else max(sample_size)
+        factor = backbone.vae_scale_factor
+        default = int(sample_size) * factor
+    side = resolution or default
+    if side % factor:
+        raise ValueError(f"resolution: must be a multiple of {factor} for this model, got {side}")
+    channels = int(backbone.denoiser.config.in_channels)
+    return (channels, side // factor, side // factor), side
+
+
+def load_sampler(config: SampleConfig) -> Sampler:
+    """Load the model and build the guide ``config`` asks for, on its device and dtype."""
+    from snpo.backbones import load_backbone
+    from snpo.merging import load_weights, merge_weights
+    from snpo.methods.chats import chats_guide
+    from snpo.methods.npo import npo_guide
+    from snpo.sampling import single_network_guide
+
+    backbone = load_backbone(
+        config.model_name_or_path, vae_path=config.vae, revision=config.revision
+    )
+    device, dtype = resolve_device(config.device), DTYPES[config.dtype]
+    base = backbone.denoiser.eval().requires_grad_(False)
+    networks: dict[str, nn.Module] = {}
+    # Each network is built from the base weights before the base itself is overwritten, so
+    # no more copies of the denoiser are held than the guide needs.
+    if config.chats:
+        networks["lose"] = _apply(copy.deepcopy(base), Path(config.chats) / "lose")
+        networks["win"] = _apply(base, Path(config.chats) / "win")
+    else:
+        weights = config.lora or config.unet
+        positive_state = (
+            fused_state_dict(base, weights, lora_scale=config.lora_scale) if weights else None
+        )
+        if config.npo_negative:
+            negative = copy.deepcopy(base)
+            if config.npo_merge:
+                reference = {k: v.detach() for k, v in base.state_dict().items()}
+                negative.load_state_dict(
+                    merge_weights(
+                        reference,
+                        positive_state or reference,
+                        load_weights(config.npo_negative),
+                        config.npo_merge_a,
+                        config.npo_merge_b,
+                    )
+                )
+            else:
+                _apply(negative, config.npo_negative)
+            networks["negative"] = negative
+        if positive_state is not None:
+            base.load_state_dict(positive_state)
+        networks["positive"] = base
+        del positive_state
+    for net in networks.values():
+        # no dtype argument for float32: diffusers warns on any to(dtype) of a loaded model
+        net.to(device) if dtype == torch.float32 else net.to(device=device, dtype=dtype)
+        net.eval().requires_grad_(False)
+    backbone.denoiser = networks["win" if config.chats else "positive"]  # gives device and dtype
+    frozen_dtype = None if dtype == torch.float32 else dtype
+    backbone.to(device, frozen_dtype)
+
+    if config.chats:
+        guide = chats_guide(
+            backbone,
+            networks["win"],
+            networks["lose"],
+            config.resolved_chats_guidance_scale,
+            config.chats_proxy_alpha,
+        )
+    elif config.npo_negative:
+        guide = npo_guide(
+            backbone, networks["positive"], networks["negative"], config.guidance_scale
+        )
+    else:
+        guide = single_network_guide(backbone, networks["positive"], config.guidance_scale)
+    latent_shape, side = latent_geometry(backbone, config.resolution)
+
+    def condition_extras(n: int) -> dict[str, Tensor]:
+        # SDXL micro-conditioning: original size = target size = the sampled size, as the
+        # pipeline does for pipe(prompt, height=side, width=side)
+        if backbone.family == "sdxl":
+            return {"target_size": torch.tensor([[side, side]] * n)}
+        return {}
+
+    return Sampler(backbone, guide, latent_shape, side, networks, condition_extras)
+
+
+# ---- the run ----------------------------------------------------------------------------------
+@dataclass
+class SampleResult:
+    output_dir: Path
+    total: int  # images the prompt set x seeds asks for
+    drawn: int  # images drawn by this call
+    skipped: int  # images already in the manifest
+
+
+def png_bytes(image: Tensor) -> bytes:
+    """A (3, H, W) image in [0, 1] as PNG bytes, quantised as diffusers saves images
+    (``round(x * 255)``); PIL's PNG encoder is deterministic, so equal pixels give equal bytes."""
+    from PIL import Image
+
+    array = (
+        (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    )
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array), mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def plan_batches(
+    num_prompts: int, seeds: Sequence[int], batch_size: int
+) -> list[list[tuple[int, int]]]:
+    """(prompt index, seed) cells in batches: per seed, ``batch_size`` prompts at a time in
+    prompt order. A batch's makeup depends only on its seed, the prompt count and the batch
+    size, so an image is drawn in the same batch whatever else was asked for or is done."""
+    return [
+        [(i, seed) for i in range(start, min(start + batch_size, num_prompts))]
+        for seed in seeds
+        for start in range(0, num_prompts, batch_size)
+    ]
+
+
+def _identity(config: SampleConfig) -> dict[str, Any]:
+    return {"model": config.model_spec(), "sampling": config.sampling_settings()}
+
+
+def _check_settings(out: Path, identity: dict[str, Any]) -> None:
+    path = out / mf.SETTINGS
+    if not path.is_file():
+        return
+    stored = json.loads(path.read_text())
+    for part in ("model", "sampling"):
+        old, new = stored.get(part, {}), identity[part]
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                raise ValueError(
+                    f"output_dir: {out} holds images made with {key}={old.get(key)!r}, this run "
+                    f"has {new.get(key)!r}; use another output_dir (images of different settings "
+                    "never mix)"
+                )
+
+
+def _done_cells(out: Path, prompt_set: PromptSet) -> dict[tuple[int, int], dict[str, Any]]:
+    """Finished images by (prompt index, seed); stale manifest lines are dropped for good."""
+    records, bad = mf.read_jsonl(out / mf.MANIFEST)
+    valid = mf.read_manifest(out) if records or bad else []
+    done = {}
+    for record in valid:
+        index = int(record["prompt_index"])
+        if index < len(prompt_set) and record["prompt"] != prompt_set.prompts[index]:
+            raise ValueError(
+                f"prompts: {out} holds images of prompt {index} {record['prompt']!r:.60}, this "
+                f"prompt set has {prompt_set.prompts[index]!r:.60} there; use another output_dir"
+            )
+        done[(index, int(record["seed"]))] = record
+    if bad or len(valid) != len(records):
+        mf.rewrite_jsonl(out / mf.MANIFEST, valid)  # drop torn lines and images that went missing
+    return done
+
+
+def run_sample(config: SampleConfig, *, sampler: Sampler | None = None) -> SampleResult:
+    """Draw every (prompt, seed) image not already in ``output_dir``; see the module docstring.
+
+    ``sampler`` skips loading (tests, or a caller sampling several prompt sets with one model).
+    """
+    from tqdm.auto import tqdm
+
+    config.validate()
+    prompt_set = load_prompts(
+        config.prompts, config.prompts_format, split=config.prompts_split, limit=config.max_prompts
+    )
+    out = Path(config.output_dir)
+    identity = _identity(config)
+    _check_settings(out, identity)
+    mf.remove_stale_tmp(out / mf.IMAGES)
+    done = _done_cells(out, prompt_set)
+    batches = plan_batches(len(prompt_set), config.seeds, config.batch_size)
+    total = sum(len(b) for b in batches)
+    todo = [b for b in batches if any(cell not in done for cell in b)]
+    skipped = total - sum(sum(cell not in done for cell in b) for b in todo)
+    if not todo:
+        return SampleResult(out, total, 0, skipped)
+
+    if sampler is None:
+        from snpo.backbones import detect_family
+
+        detect_family(config.model_name_or_path, revision=config.revision)  # cheap, before the load
+        sampler = load_sampler(config)
+    (out / mf.IMAGES).mkdir(parents=True, exist_ok=True)  # only once the model has loaded
+    if not (out / mf.SETTINGS).is_file():
+        mf.write_json(out / mf.SETTINGS, {**identity, "prompts_source": prompt_set.source})
+    device = str(sampler.backbone.device)
+    drawn = 0
+    for batch in tqdm(todo, desc="sample", unit="batch", disable=not config.show_progress):
+        prompts = [prompt_set.prompts[i] for i, _ in batch]
+        images = sampler.images(prompts, [seed for _, seed in batch], config)
+        records = []
+        for (index, seed), image in zip(batch, images):
+            if (index, seed) in done:
+                continue  # already on disk and recorded: never rewritten
+            name = mf.image_name(index, seed)
+            data = png_bytes(image)
+            mf.atomic_write_bytes(out / name, data)
+            records.append(
+                {
+                    "file": name,
+                    "prompt_index": index,
+                    "prompt": prompt_set.prompts[index],
+                    "category": prompt_set.categories[index],
+                    "seed": seed,
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "height": int(image.shape[-2]),
+                    "width": int(image.shape[-1]),
+                    "model": identity["model"],
+                    "sampling": identity["sampling"],
+                    "device": device,
+                }
+            )
+        mf.append_jsonl(out / mf.MANIFEST, records)  # the batch counts once this line is written
+        drawn += len(records)
+    return SampleResult(out, total, drawn, skipped)

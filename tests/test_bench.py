@@ -1,0 +1,65 @@
+"""Smoke test of `snpo bench --quick`: it runs every configuration of the plan on the tiny
+architecture and reports every phase, peak memory, FLOPs and the comparisons. No timing is
+asserted anywhere: numbers on a shared CPU are whatever they are."""
+
+from __future__ import annotations
+
+import json
+
+from snpo.bench.config import DEFAULT_PLAN, VARIANTS, BenchConfig
+from snpo.bench.timing import PHASES
+from snpo.cli import main
+
+
+def test_bench_quick_reports_every_configuration_and_phase(tmp_path, monkeypatch):
+    monkeypatch.setenv("SNPO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench"
+    assert main(["bench", "--quick", "--output_dir", str(out)]) == 0
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["arch"] == "tiny"
+    plan = [n for n in DEFAULT_PLAN if n != "snpo-compile"]  # compile is off in --quick
+    assert results["plan"] == plan
+    summary = results["summary"]
+    assert summary["failures"] == {}
+    expected = [n for n in plan if n != "objectives"]
+    expected += [f"objectives/{o}" for o in VARIANTS["objectives"]["objectives"]]
+    assert set(summary["variants"]) == set(expected)
+    for name, entry in summary["variants"].items():
+        assert set(entry["phases_s"]) == set(PHASES), name
+        assert all(v >= 0 for v in entry["phases_s"].values()), name
+        assert entry["step_s"] > 0 and entry["pairs_per_s"] > 0, name
+        assert entry["peak_gib"] > 0, name
+    v = summary["variants"]
+    # what each configuration does shows in its phases, not in its speed
+    assert v["reference-script"]["phases_s"]["encode"] > 0  # VAE + text encoder every step
+    assert v["dpo"]["flops_per_step"]["total"] < v["reference-script"]["flops_per_step"]["total"]
+    assert "encode" not in v["dpo"]["flops_per_step"]  # the cache: no encoder work at all
+    assert "reference_forward" not in v["snpo-store-read"]["flops_per_step"]
+    assert v["snpo-store-read"]["store"]["hits"] > 0
+    assert v["snpo-store-write"]["store"]["recorded"] > 0
+    assert v["snpo-full"]["parameters"]["reference_copy"] > 0
+    assert v["chats"]["parameters"]["trainable"] == 2 * v["snpo"]["parameters"]["trainable"]
+    assert v["snpo"]["mfu"] is not None
+
+    whats = [h["what"] for h in summary["headline"]]
+    assert any("reference script" in w for w in whats)
+    assert all(h["ratio"] is not None for h in summary["headline"])
+    assert {u["after"] for u in summary["speedups"]} >= {"dpo", "snpo", "snpo-channels-last",
+                                                         "snpo-store-read"}
+    assert results["probe"]["optimizer_lora"]["forloop"] > 0
+    md = (out / "results.md").read_text()
+    assert "| configuration | pairs/s |" in md and "reference-script" in md
+
+
+def test_bench_config_plan_and_errors():
+    assert "snpo-compile" not in BenchConfig().plan()  # SD-size compiles take many CPU minutes
+    assert "snpo-compile" in BenchConfig(arch="tiny").plan()
+    assert BenchConfig(variants=["snpo-store-read"]).plan() == ["snpo-store-write", "snpo-store-read"]
+    for bad in (dict(arch="sd3"), dict(variants=["nope"]), dict(measure_steps=0)):
+        try:
+            BenchConfig(**bad).validate()
+        except ValueError as err:
+            assert str(err).split(":")[0] in bad
+        else:
+            raise AssertionError(f"{bad} accepted")
