@@ -48,6 +48,7 @@ def config(model, data, out, **overrides) -> TrainConfig:
                   resolution=RESOLUTION, per_device_train_batch_size=2, learning_rate=1e-2,
                   lr_scheduler="constant", beta=500, checkpointing_steps=0, report_to="none",
                   lora_rank=4, objective="snpo", cfg_dropout=0.5, random_flip=True, max_steps=3,
+                  adam_epsilon=1e-5,  # Adam's default 1e-8 turns float noise of near-zero gradients into lr-sized steps
                   cache_shard_size=4, cache_batch_size=3, seed=0)
     values.update(overrides)
     return load_config(TrainConfig, None, {k: v for k, v in values.items() if v is not None})
@@ -106,7 +107,7 @@ def test_cached_training_does_no_encoder_work_and_matches_uncached(tmp_path, sd_
     a = load_file(tmp_path / "plain" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "cached" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys()
-    for key in a:  # Adam magnifies float noise of near-zero gradients: 1e-4 on values ~1e-2
+    for key in a:  # float noise only (measured 1.4e-5; the control below differs by 5e-2)
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3)
     assert [h["loss"] for h in plain.history] == pytest.approx([h["loss"] for h in cached.history], abs=1e-4)
     # control: the same run without its flips is far outside that tolerance

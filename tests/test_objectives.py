@@ -130,7 +130,7 @@ def test_one_gradient_step_on_a_shared_model_lowers_winner_error():
         (grad,) = torch.autograd.grad(loss, theta)
         new_ec, new_er = errors(theta.detach() - 1e-3 * grad)
         winner_before, winner_after = (er, new_er) if negative else (ec, new_ec)
-        assert float(winner_after) < float(winner_before)
+        assert float(winner_after.detach()) < float(winner_before.detach())
 
 
 def test_loser_contribution_is_bounded():

@@ -59,6 +59,8 @@ CASES = [
     ("mix_scale", "inf", "expected a finite number or null"),
     ("cfg_dropout", "1", "expected a probability in [0, 1)"),
     ("cfg_dropout", "nan", "expected a finite number"),
+    ("chats_lose_prompt_dropout", "1.5", "expected a probability in [0, 1]"),
+    ("method", "npo", "expected one of single, npo-negative, chats"),
     ("max_steps", "0", "expected an integer >= 1"),
     ("max_steps", "1.5", "expected an integer"),
     ("per_device_train_batch_size", "0", "expected an integer >= 1"),

@@ -215,3 +215,64 @@ def test_empty_micro_batch_is_skipped_in_one_process(tiny_toy, tmp_path):
                      save_model=False, write_logs=False).train()
     assert result.global_step == 2 and len(calls) == 4
     assert all(np.isfinite(h["loss"]) for h in result.history)
+
+
+def test_diff_npo_negative_run_is_dpo_on_reversed_labels(tmp_path, pickapic):
+    """One step from LoRA B = 0: policy = reference, so z = 0 and reversing the labels flips
+    the sign of the gradient of every lora_B exactly; AdamW's first step is odd in the gradient
+    (lr g / (|g| + eps)), and lora_A gets no gradient while B = 0. So the negative model's B is
+    minus dpo's, and the A factors are equal."""
+    model = make_sd15(tmp_path / "sd")
+    runs = {}
+    for method in ("single", "npo-negative"):
+        out = tmp_path / method
+        args = common_args(model, pickapic, out, method=method, objective="dpo", lora_rank=4, max_steps=1,
+                           cfg_dropout=0.0, checkpointing_steps=0, report_to="none")
+        assert main(["train", *args]) == 0
+        runs[method] = load_file(out / "pytorch_lora_weights.safetensors")
+    dpo, negative = runs["single"], runs["npo-negative"]
+    b_keys = [k for k in dpo if "lora_B" in k or "lora.up" in k]
+    a_keys = [k for k in dpo if k not in b_keys]
+    assert b_keys and a_keys and dpo.keys() == negative.keys()
+    assert max(dpo[k].abs().max() for k in b_keys) > 1e-3  # the step did move B
+    for k in b_keys:
+        torch.testing.assert_close(negative[k], -dpo[k], atol=1e-6, rtol=1e-4)
+    for k in a_keys:
+        torch.testing.assert_close(negative[k], dpo[k])
+    card = (tmp_path / "npo-negative" / "README.md").read_text()
+    assert "Diff-NPO's negative model" in card and "--npo_negative" in card
+
+
+def test_chats_trains_two_networks_that_snpo_sample_loads(tmp_path, pickapic):
+    model = make_sd15(tmp_path / "sd")
+    out = tmp_path / "chats"
+    args = common_args(model, pickapic, out, method="chats", objective="dpo", lora_rank=4, max_steps=2,
+                       checkpointing_steps=1, report_to="none")
+    assert main(["train", *args]) == 0
+    win = load_file(out / "win" / "pytorch_lora_weights.safetensors")
+    lose = load_file(out / "lose" / "pytorch_lora_weights.safetensors")
+    assert win.keys() == lose.keys()
+    assert any(not torch.equal(win[k], lose[k]) for k in win)  # trained apart, on different images
+    assert "CHATS" in (out / "README.md").read_text()
+    # the checkpoint holds both networks: resuming continues from it
+    assert main(["train", *args, "--max_steps", "3", "--resume_from_checkpoint", "latest"]) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n")
+    samples = tmp_path / "samples"
+    assert main(["sample", "--model_name_or_path", str(model), "--chats", str(out), "--prompts", str(prompts),
+                 "--output_dir", str(samples), "--num_inference_steps", "2", "--seeds", "0",
+                 "--show_progress", "false"]) == 0
+    assert len(list(samples.rglob("*.png"))) == 1
+
+
+def test_dual_model_settings_are_checked_before_loading(tmp_path, capsys, no_model_load):
+    for extra, field in [(["--method", "npo-negative", "--objective", "snpo"], "objective"),
+                         (["--method", "chats", "--objective", "dpo", "--precompute_reference", "true",
+                           "--cache_dir", str(tmp_path)], "precompute_reference"),
+                         (["--method", "npo"], "method")]:
+        assert main(["train", "--model_name_or_path", str(tmp_path), "--dataset_name", str(tmp_path), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{field}:" in err, err

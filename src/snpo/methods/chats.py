@@ -170,6 +170,7 @@ class ChatsMethod:
     :class:`DualDenoiser` from :func:`prepare_chats`."""
 
     name = "chats"
+    progress_name = "train chats"
 
     def __init__(
         self,

@@ -71,6 +71,7 @@ class ReversedLabels:
     def __init__(self, method: Any) -> None:
         self.method = method
         self.name = f"reversed-{getattr(method, 'name', 'method')}"
+        self.progress_name = f"train {self.name}"
 
     def compute_loss(
         self, model: nn.Module, batch: dict[str, Any], pair_seeds: list[int]
@@ -83,7 +84,9 @@ def npo_negative_method(
 ) -> ReversedLabels:
     """The Diff-NPO negative model's training method: ``dpo`` on reversed labels, no swap."""
     objective = ObjectiveConfig(objective="dpo", beta=beta)
-    return ReversedLabels(SingleNetworkMethod(backbone, objective, cfg_dropout))
+    method = ReversedLabels(SingleNetworkMethod(backbone, objective, cfg_dropout))
+    method.progress_name = "train npo-negative (dpo, reversed labels)"
+    return method
 
 
 def npo_guide(

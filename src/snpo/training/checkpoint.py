@@ -60,7 +60,7 @@ SCALER_FILE = "scaler.safetensors"
 STATE_KEY = "snpo_state"  # the safetensors metadata entry holding an object's JSON part
 # what a resume must agree on with the run that wrote the checkpoint (see check_fingerprint)
 CONFIG_FINGERPRINT_KEYS = (
-    "model_name_or_path", "objective", "lora_rank", "per_device_train_batch_size",
+    "model_name_or_path", "method", "objective", "lora_rank", "per_device_train_batch_size",
     "gradient_accumulation_steps",
 )
 
@@ -207,7 +207,7 @@ def check_fingerprint(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> None
 
 def config_fingerprint(config: Any) -> dict[str, Any]:
     """The part of a trainer fingerprint that the config alone decides."""
-    return {key: getattr(config, key) for key in CONFIG_FINGERPRINT_KEYS}
+    return {key: getattr(config, key, None) for key in CONFIG_FINGERPRINT_KEYS}
 
 
 # ---- plain-data encoding of states -----------------------------------------------------

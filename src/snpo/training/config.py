@@ -16,6 +16,10 @@ LR_SCHEDULERS = (
 )
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "none", "all")
+#: ``single``: one network trained with ``objective`` (every single-network method);
+#: ``npo-negative``: Diff-NPO's negative model (dpo on reversed labels; merge it with
+#: ``snpo merge``); ``chats``: CHATS' win and lose networks, trained together.
+METHODS = ("single", "npo-negative", "chats")
 
 
 @dataclass
@@ -41,12 +45,14 @@ class TrainConfig:
     random_flip: bool = True
     dataloader_num_workers: int = 0
 
-    # objective
+    # method and objective
+    method: str = "single"  # single | npo-negative | chats (the dual-model baselines)
     objective: str = "snpo"
     beta: float = 2000.0
     mix_lambda: float = 0.9
     mix_scale: float | None = None
     cfg_dropout: float = 0.1
+    chats_lose_prompt_dropout: float = 0.5  # CHATS: share of pairs whose lose prompt is blanked
 
     # optimisation
     max_steps: int = 2000
@@ -70,7 +76,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     allow_tf32: bool = False
 
-    # speed options, all opt-in (measured in BENCHMARKS.md; docs/performance.md)
+    # speed options, all opt-in (measured side by side in BENCHMARKS.md)
     channels_last: bool = False  # NHWC denoiser weights and inputs
     torch_compile: bool = False  # torch.compile the denoiser (and a full fine-tune's reference)
     precompute_reference: bool = False  # reuse reference errors across runs of a sweep
@@ -91,6 +97,7 @@ class TrainConfig:
         validate_objective_args(self.objective, self.beta, self.mix_lambda, self.mix_scale)
         checks = [
             ("cfg_dropout", 0 <= self.cfg_dropout < 1, "a probability in [0, 1)"),
+            ("chats_lose_prompt_dropout", 0 <= self.chats_lose_prompt_dropout <= 1, "a probability in [0, 1]"),
             ("max_steps", self.max_steps >= 1, "an integer >= 1"),
             ("per_device_train_batch_size", self.per_device_train_batch_size >= 1, "an integer >= 1"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "an integer >= 1"),
@@ -131,12 +138,32 @@ class TrainConfig:
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"max_train_samples: expected an integer >= 1 or null, got {self.max_train_samples!r}")
         for name, value, allowed in [
+            ("method", self.method, METHODS),
             ("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS),
             ("mixed_precision", self.mixed_precision, MIXED_PRECISION),
             ("report_to", self.report_to, REPORT_TO),
         ]:
             if value not in allowed:
                 raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+
+        self._validate_method()
+
+    def _validate_method(self) -> None:
+        if self.method == "npo-negative" and self.objective != "dpo":
+            raise ValueError(
+                f"objective: method npo-negative trains dpo on reversed labels (METHOD.md), "
+                f"so objective must be dpo, got {self.objective!r}"
+            )
+        if self.method == "chats" and self.objective != "dpo":
+            raise ValueError(
+                f"objective: method chats has its own loss (its beta is `beta`); set objective "
+                f"to dpo to say so, got {self.objective!r}"
+            )
+        if self.method != "single" and self.precompute_reference:
+            raise ValueError(
+                f"precompute_reference: only for method single (its reference errors do not "
+                f"depend on the objective), got method {self.method!r}"
+            )
 
     @property
     def objective_config(self) -> ObjectiveConfig:

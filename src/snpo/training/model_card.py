@@ -23,7 +23,23 @@ CARD_METRICS = (
 )
 
 
-def _usage(pipeline_class: str, output_dir: str, base: str, files: list[str]) -> str:
+METHOD_TITLES = {
+    "npo-negative": "Diff-NPO's negative model (dpo on reversed labels)",
+    "chats": "CHATS (win and lose networks)",
+}
+
+
+def _usage(pipeline_class: str, output_dir: str, base: str, files: list[str], method: str) -> str:
+    if method == "chats":
+        return (f"# both networks, CHATS' proxy-prompt guidance (snpo.methods.chats.chats_guide)\n"
+                f"snpo sample --model_name_or_path {base} --chats {output_dir} --prompts PROMPTS.txt")
+    if method == "npo-negative":
+        return (f"# Diff-NPO: the positive run on the prompt, this network (merged with it, as\n"
+                f"# Diff-NPO does) on the null branch\n"
+                f"snpo sample --model_name_or_path {base} --lora POSITIVE_RUN "
+                f"--npo_negative {output_dir} --prompts PROMPTS.txt\n"
+                f"# the merged weights themselves:\n"
+                f"snpo merge --reference {base} --positive POSITIVE_RUN --negative {output_dir}")
     if "pytorch_lora_weights.safetensors" in files:
         return (
             f"import torch\nfrom diffusers import {pipeline_class}\n\n"
@@ -53,9 +69,10 @@ def render_model_card(config: Any, backbone: dict[str, Any], info: dict[str, Any
     files = list(info.get("files") or [])
     base = c.get("model_name_or_path", "")
     lora = c.get("lora_rank", 0) > 0
-    tags = ["text-to-image", "diffusers", "snpo", c.get("objective", ""), "lora" if lora else "full-fine-tune"]
+    tags = ["text-to-image", "diffusers", "snpo", c.get("objective", ""), c.get("method", ""), "lora" if lora else "full-fine-tune"]
     front = {"library_name": "diffusers", "base_model": base, "tags": list(dict.fromkeys(t for t in tags if t))}
-    title = TITLES.get(c.get("objective", ""), c.get("objective", ""))
+    method = c.get("method", "single")
+    title = METHOD_TITLES.get(method) or TITLES.get(c.get("objective", ""), c.get("objective", ""))
     pipeline_class = backbone.get("pipeline_class", "DiffusionPipeline")
     metrics = info.get("final_metrics") or {}
     data = info.get("data") or {}
@@ -66,7 +83,7 @@ def render_model_card(config: Any, backbone: dict[str, Any], info: dict[str, Any
         f"`{base}` ({backbone.get('family', '?')} family, {backbone.get('prediction_type', '?')} prediction), "
         f"trained with `snpo train` for {info.get('global_step', c.get('max_steps'))} steps on "
         f"`{c.get('dataset_name') or c.get('cache_dir')}`.", "",
-        "## Use it", "", "```python", _usage(pipeline_class, str(Path(c["output_dir"]).resolve()), base, files),
+        "## Use it", "", "```bash" if method in METHOD_TITLES else "```python", _usage(pipeline_class, str(Path(c["output_dir"]).resolve()), base, files, method),
         "```", "",
         "## Final metrics", "", "| metric | value |", "| --- | --- |",
     ]
