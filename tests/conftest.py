@@ -25,6 +25,16 @@ TINY = ToyModelConfig(
 WORDS = ["a", "red", "blue", "square", "circle"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Back to one thread for every test module, whatever an earlier test set (the demo and
+    accelerate may change it): thread hand-offs cost far more than these tiny models' maths."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def tiny_toy(tmp_path) -> ToyBackbone:
     """A randomly initialised tiny toy model (same classes as the demo's)."""

@@ -29,15 +29,6 @@ from snpo.training.run import fingerprint_for, run_cache, run_train
 from tiny_pipelines import RESOLUTION, make_sd15, make_sdxl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: thread hand-offs cost far more than the maths (100x on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def sd_model(tmp_path_factory):
     return make_sd15(tmp_path_factory.mktemp("sd") / "model")

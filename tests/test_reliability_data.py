@@ -8,21 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from fixtures_data import make_local_pairs, make_pickapic_parquet, zero_byte_shard
 from snpo.cli import main
 from snpo.data import load_preference_source
 from snpo.data.records import DataSourceError
 from tiny_pipelines import RESOLUTION, make_sd15
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -37,14 +37,6 @@ TIMING_KEYS = ("pairs_per_second", "peak_memory_gb")  # wall-clock facts, never 
 MAX_STEPS = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: thread hand-offs cost far more than the maths (100x on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):

@@ -22,14 +22,6 @@ PROMPTS = ["a red cat", "prompt 3"]
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: thread hand-offs cost far more than the maths (100x on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 @pytest.fixture(scope="module")
 def sd_path(tmp_path_factory):
     return make_sd15(tmp_path_factory.mktemp("sd") / "model")

@@ -34,15 +34,6 @@ METRICS = (
 )
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: thread hand-offs cost far more than the maths (100x on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 @pytest.fixture(scope="module")
 def pickapic(tmp_path_factory):
     """10 rows: 2 ties, winners in both columns, one unreadable image (found only when

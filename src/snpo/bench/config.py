@@ -30,8 +30,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                              "about": "before SDPA: diffusers' AttnProcessor (bmm + softmax)"},
     "snpo-channels-last": {"objective": "snpo", "channels_last": True,
                            "about": "channels_last: true (NHWC weights and inputs)"},
-    "snpo-fused-adamw": {"objective": "snpo", "optimizer": "fused",
-                         "about": "AdamW(fused=True) on this device"},
+    "snpo-forloop-adamw": {"objective": "snpo", "optimizer": "forloop",
+                           "about": "before fused AdamW (snpo's default): torch's for-loop AdamW, its CPU default"},
     "snpo-compile": {"objective": "snpo", "torch_compile": True,
                      "about": "torch_compile: true (compile time excluded: warm-up steps)"},
     "snpo-store-write": {"objective": "snpo", "store": "write",
@@ -40,12 +40,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
                         "about": "precompute_reference: true, a later sweep run (beta 5000): no reference forward"},
     "snpo-full": {"objective": "snpo", "lora_rank": 0,
                   "about": "full fine-tune (lora_rank 0): frozen reference copy, AdamW over the whole UNet"},
+    "snpo-full-forloop-adamw": {"objective": "snpo", "lora_rank": 0, "optimizer": "forloop",
+                                "about": "full fine-tune with torch's for-loop AdamW (before fused)"},
 }
 
 DEFAULT_PLAN = (
     "reference-script", "dpo-uncached", "dpo", "objectives", "snpo", "npo-negative", "chats",
     "snpo-eager-attention", "snpo-channels-last", "snpo-store-write", "snpo-store-read",
-    "snpo-compile", "snpo-full",
+    "snpo-compile", "snpo-forloop-adamw", "snpo-full", "snpo-full-forloop-adamw",
 )
 
 #: ``snpo bench --quick``: the whole plan on the tiny architecture, in one process (seconds).
@@ -116,6 +118,7 @@ class BenchConfig:
                 names.remove("snpo-compile")
             if self.full_finetune == "never":
                 names.remove("snpo-full")
+                names.remove("snpo-full-forloop-adamw")
         if "snpo-store-read" in names and "snpo-store-write" not in names:
             names.insert(names.index("snpo-store-read"), "snpo-store-write")
         return [n for n in names if n not in self.skip]

@@ -17,7 +17,8 @@ SPEEDUPS = (  # (option, before, after)
     ("SDPA attention (diffusers default) vs AttnProcessor", "snpo-eager-attention", "snpo"),
     ("`channels_last: true`", "snpo", "snpo-channels-last"),
     ("`torch_compile: true`", "snpo", "snpo-compile"),
-    ("fused AdamW", "snpo", "snpo-fused-adamw"),
+    ("fused AdamW (default) vs torch's for-loop AdamW, LoRA", "snpo-forloop-adamw", "snpo"),
+    ("fused AdamW (default) vs torch's for-loop AdamW, full fine-tune", "snpo-full-forloop-adamw", "snpo-full"),
     ("`precompute_reference`: first sweep run (records)", "snpo", "snpo-store-write"),
     ("`precompute_reference`: later sweep runs (reads)", "snpo", "snpo-store-read"),
 )

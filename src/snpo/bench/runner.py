@@ -211,7 +211,7 @@ def run_bench(config: BenchConfig) -> Path:
         for name in plan:
             if name in skipped:
                 continue
-            if name == "snpo-full" and info["device_type"] == "cpu":
+            if name.startswith("snpo-full") and info["device_type"] == "cpu":
                 fits, why = _full_finetune_fits(config, probe if probe.get("ok") else {})
                 if not fits:
                     skipped[name] = why
