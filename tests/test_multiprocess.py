@@ -1,6 +1,7 @@
 """Scale-out invariance with real processes: two gloo ranks (``accelerate launch`` with the
 shipped CPU config) with batch 1 each train the same weights as one process with batch 1 and
-gradient accumulation 2."""
+gradient accumulation 2, for a single-network objective and for CHATS (two networks in one
+DDP module)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -17,16 +19,21 @@ from snpo.cli import main
 from tiny_pipelines import RESOLUTION, make_sd15
 
 ROOT = Path(__file__).resolve().parents[1]
+METHODS = {  # method -> (its settings, the weight files it writes)
+    "single": (["--objective", "snpo", "--cfg_dropout", "0.5"], ["pytorch_lora_weights.safetensors"]),
+    "chats": (["--method", "chats", "--objective", "dpo"],
+              ["win/pytorch_lora_weights.safetensors", "lose/pytorch_lora_weights.safetensors"]),
+}
 
 
-
-def test_two_processes_equal_one_process_with_accumulation(tmp_path):
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_processes_equal_one_process_with_accumulation(tmp_path, method):
     model = make_sd15(tmp_path / "sd")
     data = tmp_path / "train.parquet"
     # 12 rows: 2 ties, one unreadable image (substituted, counted on whichever rank meets it)
     make_pickapic_parquet(data, 12, bad_rows={"unreadable_image": 1})
     args = ["train", "--model_name_or_path", str(model), "--dataset_name", str(data),
-            "--resolution", str(RESOLUTION), "--lora_rank", "4", "--objective", "snpo", "--cfg_dropout", "0.5",
+            "--resolution", str(RESOLUTION), "--lora_rank", "4", *METHODS[method][0],
             "--per_device_train_batch_size", "1", "--max_steps", "3", "--learning_rate", "1e-2",
             "--lr_scheduler", "constant", "--beta", "500", "--report_to", "none", "--seed", "3"]
     # no ACCELERATE_USE_CPU: the trainer itself asks accelerate for gloo ranks on a CPU machine
@@ -44,14 +51,16 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path):
 
     one = tmp_path / "one"
     assert main([*args, "--output_dir", str(one), "--gradient_accumulation_steps", "2", "--checkpointing_steps", "0"]) == 0
-    a = load_file(two / "pytorch_lora_weights.safetensors")
-    b = load_file(one / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)  # bitwise equal here
+    for weights in METHODS[method][1]:
+        a = load_file(two / weights)
+        b = load_file(one / weights)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)  # bitwise equal here
 
     # control: without accumulation, one process sees half the pairs a step: other weights
     control = tmp_path / "control"
     assert main([*args, "--output_dir", str(control), "--checkpointing_steps", "0"]) == 0
-    c = load_file(control / "pytorch_lora_weights.safetensors")
+    a = load_file(two / METHODS[method][1][0])
+    c = load_file(control / METHODS[method][1][0])
     assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-3
