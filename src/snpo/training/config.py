@@ -161,8 +161,8 @@ class TrainConfig:
             )
         if self.method != "single" and self.precompute_reference:
             raise ValueError(
-                f"precompute_reference: only for method single (its reference errors do not "
-                f"depend on the objective), got method {self.method!r}"
+                f"precompute_reference: stored reference errors assume one network on the "
+                f"dataset's own labels (method single), got method {self.method!r}"
             )
 
     @property

@@ -69,7 +69,8 @@ def render_model_card(config: Any, backbone: dict[str, Any], info: dict[str, Any
     files = list(info.get("files") or [])
     base = c.get("model_name_or_path", "")
     lora = c.get("lora_rank", 0) > 0
-    tags = ["text-to-image", "diffusers", "snpo", c.get("objective", ""), c.get("method", ""), "lora" if lora else "full-fine-tune"]
+    tags = ["text-to-image", "diffusers", "snpo", c.get("objective", ""),
+            "" if c.get("method", "single") == "single" else c["method"], "lora" if lora else "full-fine-tune"]
     front = {"library_name": "diffusers", "base_model": base, "tags": list(dict.fromkeys(t for t in tags if t))}
     method = c.get("method", "single")
     title = METHOD_TITLES.get(method) or TITLES.get(c.get("objective", ""), c.get("objective", ""))
