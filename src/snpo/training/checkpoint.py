@@ -207,7 +207,7 @@ def check_fingerprint(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> None
 
 def config_fingerprint(config: Any) -> dict[str, Any]:
     """The part of a trainer fingerprint that the config alone decides."""
-    return {key: getattr(config, key, None) for key in CONFIG_FINGERPRINT_KEYS}
+    return {key: getattr(config, key) for key in CONFIG_FINGERPRINT_KEYS}
 
 
 # ---- plain-data encoding of states -----------------------------------------------------

@@ -225,10 +225,7 @@ def run_train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult
         collate = collate_pairs
         extra.update(sampler=sampler, on_batch=counter.on_batch, on_train_end=counter.on_train_end,
                      data_report=counter.report, stateful=[counter])
-    from snpo.training.speed import apply_speed_options  # opt-in; see BENCHMARKS.md
-
     method = build_method(config, backbone, extra)
-    apply_speed_options(config, backbone, method)
     description = backbone.describe()
     trainer = Trainer(
         config, backbone, dataset, method, collate_fn=collate, show_progress=show_progress,
@@ -239,24 +236,29 @@ def run_train(config: TrainConfig, *, show_progress: bool = True) -> TrainResult
 
 def build_method(config: TrainConfig, backbone: Any, extra: dict[str, Any]) -> Any:
     """The method of ``config.method``. CHATS trains two networks: its dual module and their
-    parameters go to the trainer through ``extra`` (``model``, ``trainable_parameters``)."""
-    if config.method == "npo-negative":
-        from snpo.methods.npo import npo_negative_method
+    parameters go to the trainer through ``extra`` (``model``, ``trainable_parameters``).
+    The opt-in speed options are set here too (see BENCHMARKS.md)."""
+    from snpo.training.speed import apply_speed_options
 
-        return npo_negative_method(backbone, config.beta, cfg_dropout=config.cfg_dropout)
     if config.method == "chats":
         from accelerate.utils import set_seed
 
         from snpo.methods.chats import ChatsMethod, prepare_chats
 
         set_seed(config.seed)  # LoRA factors drawn here, not in the trainer: same seed, same start
-        backbone.channels_last = config.channels_last  # before the copy: both networks alike
-        backbone.torch_compile = config.torch_compile
+        apply_speed_options(config, backbone, None)  # before the copy: both networks alike
         dual, params = prepare_chats(backbone, lora_rank=config.lora_rank,
                                      gradient_checkpointing=config.gradient_checkpointing)
         extra.update(model=dual, trainable_parameters=params)
         return ChatsMethod(backbone, config.beta, config.chats_lose_prompt_dropout)
-    return SingleNetworkMethod(backbone, config.objective_config, config.cfg_dropout)
+    if config.method == "npo-negative":
+        from snpo.methods.npo import npo_negative_method
+
+        method = npo_negative_method(backbone, config.beta, cfg_dropout=config.cfg_dropout)
+    else:
+        method = SingleNetworkMethod(backbone, config.objective_config, config.cfg_dropout)
+    apply_speed_options(config, backbone, method)
+    return method
 
 
 def run_cache(config: TrainConfig, *, show_progress: bool = True) -> dict[str, Any]:

@@ -70,9 +70,11 @@ def open_reference_store(config: TrainConfig) -> Any:
     return ReferenceErrorStore(reference_errors_root(config), reference_fingerprint(config))
 
 
-def apply_speed_options(config: TrainConfig, backbone: Any, method: Any) -> None:
+def apply_speed_options(config: TrainConfig, backbone: Any, method: Any | None) -> None:
     """Set the opt-in speed options of ``config`` on a backbone and its (single-network) method,
-    before ``Trainer.train`` (which calls ``backbone.prepare_for_training``)."""
+    before ``backbone.prepare_for_training`` (called by ``Trainer.train``, or by
+    ``prepare_chats``). ``method`` may be None only without ``precompute_reference`` (which
+    ``TrainConfig.validate`` allows for method single only)."""
     backbone.channels_last = config.channels_last
     backbone.torch_compile = config.torch_compile
     if config.precompute_reference:
