@@ -21,11 +21,12 @@ import snpo.data.cache as cache_module
 from fixtures_data import encode, make_pickapic_parquet
 from snpo.backbones import load_backbone
 from snpo.cli import main
-from snpo.configuration import load_config
+from snpo.configuration import config_to_dict, load_config
 from snpo.data import PairedTransform, PreferencePairDataset, collate_pairs, load_preference_source
 from snpo.data.cache import CacheError, collate_cached, open_cache, read_manifest
 from snpo.training.config import TrainConfig
-from snpo.training.run import fingerprint_for, run_cache, run_train
+from snpo.training.fingerprints import cache_fingerprint_for
+from snpo.training.run import run_cache, run_train
 from tiny_pipelines import RESOLUTION, make_sd15, make_sdxl
 
 
@@ -38,7 +39,7 @@ def config(model, data, out, **overrides) -> TrainConfig:
     values = dict(model_name_or_path=str(model), dataset_name=str(data), output_dir=str(out),
                   resolution=RESOLUTION, per_device_train_batch_size=2, learning_rate=1e-2,
                   lr_scheduler="constant", beta=500, checkpointing_steps=0, report_to="none",
-                  lora_rank=4, objective="snpo", cfg_dropout=0.5, random_flip=True, max_steps=3,
+                  lora_rank=4, method="snpo", cfg_dropout=0.5, random_flip=True, max_steps=3,
                   adam_epsilon=1e-5,  # Adam's default 1e-8 turns float noise of near-zero gradients into lr-sized steps
                   cache_shard_size=4, cache_batch_size=3, seed=0)
     values.update(overrides)
@@ -133,7 +134,7 @@ def test_stale_incomplete_or_missing_cache_is_refused_in_one_line(tmp_path, sd_m
                              ({"random_flip": False}, "transform.random_flip"),
                              ({"model_name_or_path": str(make_sd15(tmp_path / "other", seed=1))}, "model.")]:
         capsys.readouterr()
-        args = {**base.__dict__, **change}
+        args = {**config_to_dict(base), **change}
         assert main(["train", *sum(([f"--{k}", str(v)] for k, v in args.items() if v is not None), [])]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "stale" in err[0] and expected in err[0], err
@@ -183,7 +184,7 @@ def test_sdxl_cache_holds_the_same_condition_as_encoding(tmp_path):
     cfg = config(model, data, tmp_path / "o", cache_dir=str(tmp_path / "cache"), random_flip=False)
     run_cache(cfg, show_progress=False)
     backbone = load_backbone(model)
-    cached = open_cache(cfg.cache_dir, fingerprint_for(cfg, "sdxl", model))
+    cached = open_cache(cfg.cache_dir, cache_fingerprint_for(cfg, "sdxl", model))
     source = load_preference_source(data)
     plain = PreferencePairDataset(source, PairedTransform(RESOLUTION, center_crop=True))
     batch_c = collate_cached([cached[i] for i in range(4)])

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from snpo.cli import main
-from snpo.toy.report import claims
+from snpo.toy.demo_report import claims
 
 
 @pytest.fixture(scope="module")

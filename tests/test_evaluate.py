@@ -37,7 +37,7 @@ from snpo.cli import main
 from snpo.evaluate import manifest as mf
 from snpo.evaluate.prompts import load_prompts
 from snpo.evaluate.sample import latent_geometry
-from snpo.sampling import SamplingConfig, sample_images, single_network_guide
+from snpo.sampling import SamplerSettings, sample_images, single_network_guide
 from snpo.toy.tokenizer import build_toy_tokenizer
 from tiny_pipelines import RESOLUTION, make_sd15, make_sdxl
 
@@ -449,7 +449,7 @@ def perturb(module: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn
 def in_memory_images(backbone, guide, prompts, seeds, steps) -> np.ndarray:
     shape, _ = latent_geometry(backbone, None)
     images = sample_images(
-        backbone, guide, prompts, seeds, shape, SamplingConfig(steps, 7.5, "ddim", 8)
+        backbone, guide, prompts, seeds, shape, SamplerSettings(steps, 7.5, "ddim", 8)
     )
     return (
         (images.clamp(0, 1) * 255)
@@ -926,8 +926,8 @@ def test_report_validates_before_reading(root, capsys):
 
 
 def test_the_toy_demo_aggregates_with_the_shared_report_code():
-    import snpo.report as shared
-    import snpo.toy.report as toy
+    import snpo.evaluate.aggregate as shared
+    import snpo.toy.demo_report as toy
 
     assert toy.win_rate is shared.win_rate
     scores = np.random.default_rng(0).normal(size=(4, 7)).astype(np.float32)

@@ -348,11 +348,41 @@ def test_tensor_input_scores_like_the_saved_png(scorer):
     torch.testing.assert_close(scorer(x, PROMPTS[:2]), scorer(pngs, PROMPTS[:2]))
 
 
-def test_differentiable_tensor_path(scorer):
-    x = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(4))
+def _hard_images(h: int, w: int, seed: int) -> torch.Tensor:
+    """Images whose bicubic overshoot PIL clips between its two passes: binary noise, hard
+    stripes, a checkerboard, and plain noise."""
+    g = torch.Generator().manual_seed(seed)
+    stripes = (torch.arange(w) % 6 < 3).float().expand(3, h, w)
+    checker = ((torch.arange(h)[:, None] + torch.arange(w)) % 2).float().expand(3, h, w)
+    binary = (torch.rand(3, h, w, generator=g) > 0.5).float()
+    return torch.stack([binary, stripes, checker, torch.rand(3, h, w, generator=g)])
+
+
+@pytest.mark.parametrize("hw", [(48, 48), (40, 56), (56, 37), (17, 23), (32, 32), (96, 128)])
+def test_differentiable_tensor_path_is_within_two_grey_levels_of_pil(scorer, hw):
+    x = _hard_images(*hw, seed=hw[0])
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     pix = preprocess_tensor(x, IMG)
-    q = scorer.preprocess(x)  # via uint8 + PIL bicubic
-    assert (pix - q).abs().mean() < 0.05  # same transform up to PIL's 8-bit arithmetic
+    q = scorer.preprocess(x)  # via round(x * 255) + PIL bicubic, as a saved PNG is scored
+    grey_levels = ((pix - q) * std).abs().max().item() * 255  # undo the normalisation
+    bound = 0.5 if hw == (IMG, IMG) else 2.0  # see preprocess_tensor's docstring
+    assert grey_levels <= bound, grey_levels
+    # without PIL's clamp between the passes (the old tensor path) the bound fails
+    if hw != (IMG, IMG):
+        nh, nw = (
+            (IMG, int(IMG * hw[1] / hw[0])) if hw[1] >= hw[0] else (int(IMG * hw[0] / hw[1]), IMG)
+        )
+        plain = torch.nn.functional.interpolate(
+            x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True
+        )
+        top, left = round((nh - IMG) / 2), round((nw - IMG) / 2)
+        plain = plain[..., top : top + IMG, left : left + IMG]
+        unnorm_q = q * std + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        assert (plain - unnorm_q).abs().max().item() * 255 > 2 * bound
+
+
+def test_differentiable_tensor_path_has_gradients(scorer):
+    x = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(4))
     x.requires_grad_(True)
     s = scorer.score_pixels(preprocess_tensor(x, IMG), PROMPTS[:2])
     s.sum().backward()

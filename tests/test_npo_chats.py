@@ -24,7 +24,7 @@ from snpo.efficiency import (
     npo_footprint,
     single_network_footprint,
 )
-from snpo.evaluation import implicit_accuracy
+from snpo.evaluate.implicit_accuracy import implicit_accuracy
 from snpo.merging import lora_from_state_dict, merge_denoisers, merge_weights
 from snpo.methods.chats import (
     ChatsMethod,
@@ -34,14 +34,14 @@ from snpo.methods.chats import (
     proxy_condition,
     save_chats,
 )
+from snpo.methods.draws import draw_pairs, pair_seed
 from snpo.methods.npo import npo_guide, npo_negative_method, reverse_batch
-from snpo.methods.single import SingleNetworkMethod, draw_pair_noise
-from snpo.objectives import ObjectiveConfig
-from snpo.objectives_chats import chats_loss
-from snpo.sampling import SamplingConfig, sample_latents, single_network_guide
+from snpo.methods.single import SingleNetworkMethod
+from snpo.objectives import ObjectiveConfig, chats_loss
+from snpo.sampling import SamplerSettings, sample_latents, single_network_guide
 from snpo.toy.data import TensorPairDataset, stack_batch
 from snpo.training.config import TrainConfig
-from snpo.training.trainer import Trainer, pair_seed
+from snpo.training.trainer import Trainer
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -91,7 +91,7 @@ def batches(dataset, size=16):
 def toy_train(backbone, tmp_path, dataset, method, **overrides):
     values = dict(
         output_dir=str(tmp_path / "out"), max_steps=20, per_device_train_batch_size=8,
-        learning_rate=3e-3, lr_scheduler="constant", beta=500.0, objective="dpo",
+        learning_rate=3e-3, lr_scheduler="constant", beta=500.0, method="dpo",
         cfg_dropout=0.0, checkpointing_steps=0, report_to="none", seed=0,
     )  # fmt: skip
     model = overrides.pop("model", None)
@@ -209,7 +209,7 @@ def test_merge_cli_on_full_model_folders(tiny_toy, tmp_path, capsys):
 # ---- Diff-NPO: sampling and training ---------------------------------------------------
 def test_npo_guide_with_equal_networks_is_plain_cfg(tiny_toy):
     unet = tiny_toy.denoiser.eval()
-    config = SamplingConfig(num_inference_steps=4, guidance_scale=3.0, batch_size=4)
+    config = SamplerSettings(num_inference_steps=4, guidance_scale=3.0, batch_size=4)
     prompts, seeds = ["a red square", "a blue circle", "a red circle"], [3, 4, 5]
     shape = (12, 4, 4)
     plain = sample_latents(
@@ -415,7 +415,8 @@ def test_one_step_lowers_win_chosen_and_lose_rejected_errors(tiny_toy):
     batch = stack_batch([colour_pairs(8)[i] for i in range(8)])
     chosen, rejected, cond = tiny_toy.encode_batch(batch)
     seeds = [pair_seed(3, 0, i) for i in range(8)]
-    draws = draw_pair_noise(tiny_toy, chosen, 0.5, seeds)
+    d = draw_pairs(tiny_toy, chosen, 0.5, seeds)
+    draws = (d.noise, d.timesteps, d.coin)
 
     def errors():
         return chats_pair_errors(tiny_toy, dual, chosen, rejected, cond, *draws)

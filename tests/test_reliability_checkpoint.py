@@ -23,7 +23,7 @@ from snpo.training import checkpoint as ckpt
 from snpo.training.config import TrainConfig
 from snpo.training.trainer import Trainer, truncate_metrics
 
-COMMON = dict(objective="snpo", cfg_dropout=0.3, per_device_train_batch_size=4, learning_rate=1e-3,
+COMMON = dict(method="snpo", cfg_dropout=0.3, per_device_train_batch_size=4, learning_rate=1e-3,
               lr_scheduler="linear", lr_warmup_steps=2, beta=500.0, max_steps=6, report_to="none", seed=0)
 
 

@@ -15,10 +15,13 @@ from pathlib import Path
 
 import pytest
 
+import snpo.training.data as training_data
+import snpo.training.job as job
 import snpo.training.run as run
 from fixtures_data import make_pickapic_parquet
 from snpo.cli import main
-from snpo.configuration import ConfigError, load_config
+from snpo.configuration import load_config
+from snpo.errors import ConfigError
 from snpo.training.config import TrainConfig
 from tiny_pipelines import RESOLUTION, make_sd15
 
@@ -60,7 +63,7 @@ CASES = [
     ("cfg_dropout", "1", "expected a probability in [0, 1)"),
     ("cfg_dropout", "nan", "expected a finite number"),
     ("chats_lose_prompt_dropout", "1.5", "expected a probability in [0, 1]"),
-    ("method", "npo", "expected one of single, npo-negative, chats"),
+    ("method", "npo", "expected one of sft, dpo, bdpo, snpo-naive, snpo, npo-negative, chats"),
     ("max_steps", "0", "expected an integer >= 1"),
     ("max_steps", "1.5", "expected an integer"),
     ("per_device_train_batch_size", "0", "expected an integer >= 1"),
@@ -77,6 +80,7 @@ CASES = [
     ("max_grad_norm", "-1", "expected a number >= 0"),
     ("max_grad_norm", "nan", "expected a finite number"),
     ("max_nonfinite_steps", "0", "expected an integer >= 1"),
+    ("adam_implementation", "fastest", "expected one of fused, foreach, forloop"),
     ("lora_rank", "-1", "expected an integer >= 0"),
     ("mixed_precision", "fp8", "expected one of no, fp16, bf16"),
     ("upcast_vae", "maybe", "expected true or false"),
@@ -121,14 +125,16 @@ def nothing_loads(monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the settings were checked")
 
-    original_scan = run._scan
+    original_scan = training_data.scan_source
 
     def scan(config):
         scans.append(config.dataset_name)
         return original_scan(config)
 
-    monkeypatch.setattr(run, "load_backbone", no_model)
-    monkeypatch.setattr(run, "_scan", scan)
+    monkeypatch.setattr(job, "load_backbone", no_model)
+    monkeypatch.setattr(run, "load_job_backbone", no_model)
+    monkeypatch.setattr(training_data, "scan_source", scan)
+    monkeypatch.setattr(run, "scan_source", scan)
     return scans
 
 
@@ -224,7 +230,7 @@ def test_a_checkpoint_of_another_run_is_refused_before_the_model_loads(world, tm
 
     def refused(change: dict[str, str], expected: str, env: dict[str, str] | None = None) -> None:
         with monkeypatch.context() as patch:
-            patch.setattr(run, "load_backbone", lambda *a, **k: pytest.fail("model loaded"))
+            patch.setattr(job, "load_backbone", lambda *a, **k: pytest.fail("model loaded"))
             for key, value in (env or {}).items():
                 patch.setenv(key, value)
             capsys.readouterr()
@@ -232,7 +238,7 @@ def test_a_checkpoint_of_another_run_is_refused_before_the_model_loads(world, tm
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("snpo train: error: resume_from_checkpoint: ") and expected in err[0], err
 
-    refused({"objective": "dpo"}, "written with objective='snpo', this run has objective='dpo'")
+    refused({"method": "dpo"}, "written with method='snpo', this run has method='dpo'")
     refused({"lora_rank": "8"}, "lora_rank=4, this run has lora_rank=8")
     refused({"per_device_train_batch_size": "1"}, "per_device_train_batch_size=2")
     refused({"gradient_accumulation_steps": "2"}, "gradient_accumulation_steps=1")

@@ -93,9 +93,9 @@ def test_caption_limit_is_a_setting(tmp_path):
 
 
 def test_a_source_with_only_unreadable_shards_is_a_one_line_error(tmp_path, capsys, monkeypatch):
-    import snpo.training.run as run
+    import snpo.training.job as job
 
-    monkeypatch.setattr(run, "load_backbone", lambda *a, **k: pytest.fail("model loaded before the data check"))
+    monkeypatch.setattr(job, "load_backbone", lambda *a, **k: pytest.fail("model loaded before the data check"))
     zero_byte_shard(tmp_path / "data" / "a.parquet")
     zero_byte_shard(tmp_path / "data" / "b.parquet")
     with pytest.raises(DataSourceError, match="cannot read parquet"):

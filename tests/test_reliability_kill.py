@@ -51,7 +51,7 @@ def world(tmp_path_factory):
 
 def train_args(model: Path, data: Path, out: Path, **overrides) -> list[str]:
     values = dict(model_name_or_path=model, dataset_name=data, output_dir=out, resolution=RESOLUTION,
-                  objective="snpo", cfg_dropout=0.5, lora_rank=4, per_device_train_batch_size=1,
+                  method="snpo", cfg_dropout=0.5, lora_rank=4, per_device_train_batch_size=1,
                   gradient_accumulation_steps=2, max_steps=MAX_STEPS, learning_rate=1e-2,
                   lr_scheduler="linear", lr_warmup_steps=2, beta=500, checkpointing_steps=2,
                   checkpoints_total_limit=2, report_to="none", seed=3)

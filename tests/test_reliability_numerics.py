@@ -24,7 +24,7 @@ from snpo.cli import main
 from snpo.methods.single import SingleNetworkMethod
 from snpo.toy.data import stack_batch
 from snpo.training.config import TrainConfig
-from snpo.training.trainer import NonFiniteError, Trainer
+from snpo.training.trainer import Callback, NonFiniteError, Trainer
 from tiny_pipelines import RESOLUTION, make_sd15
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ class FaultyMethod(SingleNetworkMethod):
 
 def config_for(out: Path, **overrides) -> TrainConfig:
     values = dict(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-3,
-                  beta=500.0, objective="snpo", cfg_dropout=0.3, report_to="none", checkpointing_steps=0,
+                  beta=500.0, method="snpo", cfg_dropout=0.3, report_to="none", checkpointing_steps=0,
                   max_nonfinite_steps=3, lr_scheduler="constant")
     values.update(overrides)
     return TrainConfig(**values)
@@ -67,7 +67,7 @@ def test_nonfinite_step_is_skipped_logged_and_leaves_the_weights_alone(tiny_toy,
     before_step: list[dict] = []  # weights as each step starts
     trainer = Trainer(config, tiny_toy, colour_pairs(8), FaultyMethod(tiny_toy, config, kind, {2, 3}),
                       collate_fn=stack_batch, show_progress=False, save_model=False,
-                      on_batch=lambda batch: before_step.append(weights(tiny_toy)))
+                      callbacks=[WeightsBeforeEachStep(tiny_toy, before_step)])
     result = trainer.train()
     assert result.global_step == 6 and result.skipped_nonfinite == 2
     assert not same(before_step[0], before_step[1])  # step 1 trained
@@ -149,6 +149,16 @@ def test_snpo_train_stops_with_one_line_and_a_nonzero_exit(tmp_path, capsys, mon
     assert not (out / "pytorch_lora_weights.safetensors").exists()  # nothing half-trained is saved
 
 
+class WeightsBeforeEachStep(Callback):
+    """Records the weights as each micro-batch starts (one micro-batch a step here)."""
+
+    def __init__(self, backbone, out: list) -> None:
+        self.backbone, self.out = backbone, out
+
+    def on_micro_batch(self, batch) -> None:
+        self.out.append(weights(self.backbone))
+
+
 class ScaledTrainer(Trainer):
     """The fp16 GradScaler path of a GPU run, on the CPU: a CPU GradScaler whose huge initial
     scale makes the first scaled gradients overflow (float32 tops out at 2**128)."""
@@ -170,7 +180,7 @@ def test_fp16_gradient_overflow_is_left_to_the_grad_scaler(tiny_toy, tmp_path, c
     before_step: list[dict] = []
     result = ScaledTrainer(config, tiny_toy, colour_pairs(8), SingleNetworkMethod(tiny_toy, config.objective_config, 0.3),
                            collate_fn=stack_batch, show_progress=False, save_model=False,
-                           on_batch=lambda batch: before_step.append(weights(tiny_toy))).train()
+                           callbacks=[WeightsBeforeEachStep(tiny_toy, before_step)]).train()
     skipped = [h["nonfinite_skipped"] for h in result.history]
     assert skipped[2] == 3 and skipped[-1] < 10  # several overflows in a row, then training
     assert same(before_step[0], before_step[1]) and same(before_step[1], before_step[2])

@@ -82,7 +82,7 @@ class Planted:
 
 def train(backbone, out: Path, **overrides):
     values = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
-                  beta=500.0, objective="snpo", cfg_dropout=0.3, report_to="none", checkpointing_steps=2)
+                  beta=500.0, method="snpo", cfg_dropout=0.3, report_to="none", checkpointing_steps=2)
     values.update(overrides)
     config = TrainConfig(**values)
     method = SingleNetworkMethod(backbone, config.objective_config, config.cfg_dropout)
@@ -165,7 +165,7 @@ def test_a_damaged_checkpoint_is_refused_with_one_line_naming_an_older_one(check
 
 def test_a_checkpoint_of_another_objective_or_batch_layout_is_refused(checkpointed):
     fresh, out = checkpointed
-    for change, expected in [({"objective": "dpo"}, "objective='snpo', this run has objective='dpo'"),
+    for change, expected in [({"method": "dpo"}, "method='snpo', this run has method='dpo'"),
                              ({"per_device_train_batch_size": 2}, "per_device_train_batch_size=4"),
                              ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=1"),
                              ({"lora_rank": 2}, "lora_rank=0")]:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from snpo.errors import ConfigError, UserError
 from snpo.scoring import SCORERS, ScorerWeightsMissing, make_scorer
 from snpo.scoring.aesthetic import AestheticMLP, make_aesthetic
 from snpo.scoring.base import as_pil_list
@@ -295,8 +296,19 @@ def test_registry_names_and_unknown():
     assert {"pickscore", "hpsv2", "hpsv2.1", "aesthetic", "clip_score", "image_reward"} <= set(
         SCORERS
     )
-    with pytest.raises(ValueError, match="unknown scorer"):
+    with pytest.raises(ConfigError, match="^scorers: unknown scorer"):
         make_scorer("nope", "x")
+
+
+def test_user_errors_are_one_line_user_errors(assets, tmp_path):
+    assert issubclass(ScorerWeightsMissing, UserError)
+    with pytest.raises(ConfigError, match="^batch_size: "):
+        make_clip_score(assets["clip"], batch_size=0)(rand_images(0), PROMPTS)
+    bad = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
+    torch.save({"something": torch.zeros(2)}, bad)
+    with pytest.raises(UserError, match="aesthetic MLP") as ei:
+        make_aesthetic(bad, clip=assets["clip"])
+    check_one_line(ei.value)
 
 
 @pytest.mark.parametrize(

@@ -141,8 +141,8 @@ def test_family_detection(tmp_path, sd_path, tiny_toy):
     assert load_backbone(tmp_path / "toy").family == "toy"
     odd = tmp_path / "odd"
     odd.mkdir()
-    (odd / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["x", "y"]}))
-    with pytest.raises(ModelNotFoundError, match="FluxPipeline"):
+    (odd / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline", "transformer": ["x", "y"]}))
+    with pytest.raises(ModelNotFoundError, match="PixArtSigmaPipeline"):
         detect_family(odd)
     with pytest.raises(ModelNotFoundError, match="no such folder"):
         detect_family(tmp_path / "missing" / "model")

@@ -8,12 +8,12 @@ import torch
 
 from conftest import TINY, WORDS, colour_pairs
 from snpo.backbones.toy import ToyBackbone
-from snpo.methods.reference_errors import ReferenceErrorStore
-from snpo.methods.single import SingleNetworkMethod
 from snpo.toy.data import TensorPairDataset, stack_batch
 from snpo.toy.tokenizer import build_toy_tokenizer
 from snpo.training.config import TrainConfig
-from snpo.training.speed import REUSABLE_ACROSS, apply_speed_options
+from snpo.training.fingerprints import REUSABLE_ACROSS
+from snpo.training.job import build_method
+from snpo.training.reference_errors import ReferenceErrorStore
 from snpo.training.trainer import Trainer
 
 FINGERPRINT = {"what": "test"}
@@ -26,14 +26,13 @@ def toy(tmp_path) -> ToyBackbone:
 
 def train(tmp_path, dataset, *, store=None, steps=6, **overrides):
     values = dict(output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=4,
-                  learning_rate=3e-3, lr_scheduler="constant", beta=500.0, objective="snpo",
+                  learning_rate=3e-3, lr_scheduler="constant", beta=500.0, method="snpo",
                   cfg_dropout=0.5, checkpointing_steps=0, report_to="none", seed=0)
     values.update(overrides)
     config = TrainConfig(**values)
     backbone = toy(tmp_path)
-    method = SingleNetworkMethod(backbone, config.objective_config, config.cfg_dropout,
-                                 reference_store=store)
-    apply_speed_options(config, backbone, method)
+    method = build_method(config, backbone).method  # the speed options as `snpo train` sets them
+    method.reference_store = store
     backbone.result = Trainer(config, backbone, dataset, method, collate_fn=stack_batch,
                               show_progress=False, save_model=False, write_logs=False).train()
     return backbone, method
@@ -95,7 +94,7 @@ def test_precompute_reference_config_needs_a_folder():
     TrainConfig(model_name_or_path="x", dataset_name="y", precompute_reference=True,
                 cache_dir="c").validate()
     # the knobs a beta / lambda / objective sweep turns do not separate stores
-    assert {"beta", "mix_lambda", "mix_scale", "objective", "learning_rate"} <= REUSABLE_ACROSS
+    assert {"beta", "mix_lambda", "mix_scale", "method", "learning_rate"} <= REUSABLE_ACROSS
     assert not {"seed", "cfg_dropout", "resolution", "per_device_train_batch_size"} & REUSABLE_ACROSS
 
 

@@ -8,7 +8,7 @@ import torch
 from conftest import TINY, WORDS
 from snpo.backbones.base import select_condition
 from snpo.backbones.toy import ToyBackbone
-from snpo.sampling import SamplingConfig, sample_images, sample_latents, single_network_guide
+from snpo.sampling import SamplerSettings, sample_images, sample_latents, single_network_guide
 from snpo.toy import scenes as S
 from snpo.toy.tokenizer import build_toy_tokenizer, learn_bpe_merges
 
@@ -58,7 +58,7 @@ def test_save_and_load_round_trip(tiny_toy, tmp_path):
 
 def test_same_seed_same_image_whatever_the_batch(tiny_toy):
     prompts = ["a red square", "a blue circle", "a red circle"]
-    config = SamplingConfig(num_inference_steps=5, guidance_scale=3.0, batch_size=3)
+    config = SamplerSettings(num_inference_steps=5, guidance_scale=3.0, batch_size=3)
     guide = single_network_guide(tiny_toy, tiny_toy.denoiser, 3.0)
     shape = (12, 4, 4)
     full = sample_images(tiny_toy, guide, prompts, [7, 8, 9], shape, config)
@@ -89,7 +89,7 @@ def test_sampler_accepts_other_schedulers(tiny_toy):
     guide = single_network_guide(tiny_toy, tiny_toy.denoiser, 2.0)
     for name in ("euler", "dpm++"):
         latents = sample_latents(tiny_toy, guide, ["a red square"], [1], (12, 4, 4),
-                                 SamplingConfig(num_inference_steps=4, guidance_scale=2.0, scheduler=name))
+                                 SamplerSettings(num_inference_steps=4, guidance_scale=2.0, scheduler=name))
         assert torch.isfinite(latents).all()
 
 

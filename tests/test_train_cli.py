@@ -74,7 +74,7 @@ def test_sd15_lora_end_to_end_loads_into_the_pipeline(tmp_path, pickapic, capsys
     assert list((out / "snpo").rglob("events.out.tfevents*"))  # tensorboard
     assert (out / "checkpoints" / "latest").read_text() == "checkpoint-3"
     card = (out / "README.md").read_text()
-    assert "load_lora_weights" in card and "objective: snpo" in card and "rewards/accuracies" in card
+    assert "load_lora_weights" in card and "method: snpo" in card and "rewards/accuracies" in card
     # the 3 steps x 2 pairs visit all 6 scanned pairs: the unreadable one was met and counted
     assert "unreadable_image 1" in card
 
@@ -96,7 +96,7 @@ def test_sd15_lora_end_to_end_loads_into_the_pipeline(tmp_path, pickapic, capsys
 def test_sdxl_full_finetune_v_prediction_end_to_end(tmp_path, pickapic):
     model = make_sdxl(tmp_path / "sdxl", prediction_type="v_prediction")
     out = tmp_path / "out"
-    args = common_args(model, pickapic, out, objective="dpo", lora_rank=0, max_steps=2, cfg_dropout=0.5,
+    args = common_args(model, pickapic, out, method="dpo", lora_rank=0, max_steps=2, cfg_dropout=0.5,
                        learning_rate=1e-3, checkpointing_steps=0)
     assert main(["train", *args]) == 0
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -142,12 +142,12 @@ def test_bf16_lora_with_accumulation_and_checkpointing(tmp_path, pickapic):
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    import snpo.training.run as run
+    import snpo.training.job as job
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a model was loaded before the data was checked")
 
-    monkeypatch.setattr(run, "load_backbone", forbidden)
+    monkeypatch.setattr(job, "load_backbone", forbidden)
 
 
 def test_no_usable_rows_stops_before_the_model_loads(tmp_path, capsys, no_model_load):
@@ -183,7 +183,7 @@ def test_missing_column_and_bad_config_are_one_line_errors(tmp_path, capsys, no_
 @pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_presets_are_valid_configs(preset):
     config = load_config(TrainConfig, ROOT / "configs" / preset)
-    assert config.model_name_or_path and config.dataset_name and config.objective in ("snpo", "dpo")
+    assert config.model_name_or_path and config.dataset_name and config.method in ("snpo", "dpo", "npo-negative", "chats")
     assert config.beta == (5000.0 if preset.startswith("sdxl") else 2000.0)
 
 
@@ -215,13 +215,13 @@ def test_diff_npo_negative_run_is_dpo_on_reversed_labels(tmp_path, pickapic):
     minus dpo's, and the A factors are equal."""
     model = make_sd15(tmp_path / "sd")
     runs = {}
-    for method in ("single", "npo-negative"):
+    for method in ("dpo", "npo-negative"):
         out = tmp_path / method
-        args = common_args(model, pickapic, out, method=method, objective="dpo", lora_rank=4, max_steps=1,
+        args = common_args(model, pickapic, out, method=method, lora_rank=4, max_steps=1,
                            cfg_dropout=0.0, checkpointing_steps=0, report_to="none")
         assert main(["train", *args]) == 0
         runs[method] = load_file(out / "pytorch_lora_weights.safetensors")
-    dpo, negative = runs["single"], runs["npo-negative"]
+    dpo, negative = runs["dpo"], runs["npo-negative"]
     b_keys = [k for k in dpo if "lora_B" in k or "lora.up" in k]
     a_keys = [k for k in dpo if k not in b_keys]
     assert b_keys and a_keys and dpo.keys() == negative.keys()
@@ -237,7 +237,7 @@ def test_diff_npo_negative_run_is_dpo_on_reversed_labels(tmp_path, pickapic):
 def test_chats_trains_two_networks_that_snpo_sample_loads(tmp_path, pickapic):
     model = make_sd15(tmp_path / "sd")
     out = tmp_path / "chats"
-    args = common_args(model, pickapic, out, method="chats", objective="dpo", lora_rank=4, max_steps=2,
+    args = common_args(model, pickapic, out, method="chats", lora_rank=4, max_steps=2,
                        checkpointing_steps=1, report_to="none")
     assert main(["train", *args]) == 0
     win = load_file(out / "win" / "pytorch_lora_weights.safetensors")
@@ -261,7 +261,7 @@ def test_chats_trains_two_networks_that_snpo_sample_loads(tmp_path, pickapic):
 
 def test_dual_model_settings_are_checked_before_loading(tmp_path, capsys, no_model_load):
     for extra, field in [(["--method", "npo-negative", "--objective", "snpo"], "objective"),
-                         (["--method", "chats", "--objective", "dpo", "--precompute_reference", "true",
+                         (["--method", "chats", "--precompute_reference", "true",
                            "--cache_dir", str(tmp_path)], "precompute_reference"),
                          (["--method", "npo"], "method")]:
         assert main(["train", "--model_name_or_path", str(tmp_path), "--dataset_name", str(tmp_path), *extra]) == 2

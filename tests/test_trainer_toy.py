@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import colour_pairs
-from snpo.evaluation import implicit_accuracy
-from snpo.methods.single import SingleNetworkMethod, draw_pair_noise
+from snpo.evaluate.implicit_accuracy import implicit_accuracy
+from snpo.methods.draws import draw_pairs
+from snpo.methods.single import SingleNetworkMethod
 from snpo.toy.data import stack_batch
 from snpo.training.config import TrainConfig
 from snpo.training.trainer import Trainer
@@ -18,7 +19,7 @@ from snpo.training.trainer import Trainer
 
 def train(backbone, tmp_path, dataset, **overrides):
     values = dict(output_dir=str(tmp_path / "out"), max_steps=30, per_device_train_batch_size=8,
-                  learning_rate=3e-3, lr_scheduler="constant", beta=500.0, objective="dpo",
+                  learning_rate=3e-3, lr_scheduler="constant", beta=500.0, method="dpo",
                   cfg_dropout=0.0, checkpointing_steps=0, report_to="none", seed=0)
     values.update(overrides)
     config = TrainConfig(**values)
@@ -59,7 +60,7 @@ def test_null_branch_learns_reversed_preference_only_for_snpo(tiny_toy, tmp_path
                                                               expect_reversed_preference):
     """SNPO swaps winner and loser on the null branch; DPO's dropout branch is not swapped."""
     data = colour_pairs(32)
-    train(tiny_toy, tmp_path, data, objective=objective, cfg_dropout=0.5, max_steps=80, mix_lambda=0.9)
+    train(tiny_toy, tmp_path, data, method=objective, cfg_dropout=0.5, max_steps=80, mix_lambda=0.9)
     null_reversed = implicit_accuracy(tiny_toy, tiny_toy.denoiser, tiny_toy._reference, batches(data),
                                       branch="null", reverse=True, draws=4)
     conditional = implicit_accuracy(tiny_toy, tiny_toy.denoiser, tiny_toy._reference, batches(data),
@@ -74,8 +75,9 @@ def test_null_branch_learns_reversed_preference_only_for_snpo(tiny_toy, tmp_path
 def test_pair_draws_do_not_depend_on_batching(tiny_toy):
     latents = torch.zeros(4, 12, 4, 4)
     seeds = [11, 22, 33, 44]
-    noise, t, neg = draw_pair_noise(tiny_toy, latents, 0.5, seeds)
-    noise2, t2, neg2 = draw_pair_noise(tiny_toy, latents[2:], 0.5, seeds[2:])
+    d, d2 = draw_pairs(tiny_toy, latents, 0.5, seeds), draw_pairs(tiny_toy, latents[2:], 0.5, seeds[2:])
+    noise, t, neg = d.noise, d.timesteps, d.coin
+    noise2, t2, neg2 = d2.noise, d2.timesteps, d2.coin
     assert torch.equal(noise[2:], noise2) and torch.equal(t[2:], t2) and torch.equal(neg[2:], neg2)
 
 
@@ -83,7 +85,7 @@ def test_batch_split_invariance(tiny_toy, tmp_path):
     """Batch 2 x accumulation 1 gives the same weights as batch 1 x accumulation 2."""
     data = colour_pairs(8)
     twin = copy.deepcopy(tiny_toy)
-    common = dict(max_steps=3, objective="snpo", cfg_dropout=0.5, max_grad_norm=0.0,
+    common = dict(max_steps=3, method="snpo", cfg_dropout=0.5, max_grad_norm=0.0,
                   adam_weight_decay=0.0, learning_rate=1e-3)
     train(tiny_toy, tmp_path / "a", data, per_device_train_batch_size=2, gradient_accumulation_steps=1, **common)
     train(twin, tmp_path / "b", data, per_device_train_batch_size=1, gradient_accumulation_steps=2, **common)
@@ -96,7 +98,7 @@ def test_resume_replays_exactly(tiny_toy, tmp_path):
     """6 steps straight equal 3 steps, a checkpoint, and 3 resumed steps (bitwise on CPU)."""
     data = colour_pairs(12)
     fresh = copy.deepcopy(tiny_toy)
-    common = dict(objective="snpo", cfg_dropout=0.3, per_device_train_batch_size=4,
+    common = dict(method="snpo", cfg_dropout=0.3, per_device_train_batch_size=4,
                   gradient_accumulation_steps=1, learning_rate=1e-3, lr_scheduler="linear",
                   lr_warmup_steps=2)
     straight = copy.deepcopy(tiny_toy)
@@ -145,7 +147,7 @@ def test_lora_result_saves_as_a_plain_model_that_predicts_the_same(tiny_toy, tmp
 
     data = colour_pairs(8)
     config = TrainConfig(output_dir=str(tmp_path / "lora"), max_steps=4, per_device_train_batch_size=4,
-                         learning_rate=1e-2, beta=500.0, objective="snpo", lora_rank=4,
+                         learning_rate=1e-2, beta=500.0, method="snpo", lora_rank=4,
                          checkpointing_steps=0, report_to="none")
     method = SingleNetworkMethod(tiny_toy, config.objective_config, 0.3)
     Trainer(config, tiny_toy, data, method, collate_fn=stack_batch, show_progress=False,
@@ -165,7 +167,7 @@ def test_chats_run_saves_both_networks_through_the_trainer(tiny_toy, tmp_path):
 
     dual, params = prepare_chats(tiny_toy)
     config = TrainConfig(output_dir=str(tmp_path / "chats"), max_steps=3, per_device_train_batch_size=4,
-                         learning_rate=1e-2, beta=500.0, objective="dpo", cfg_dropout=0.0,
+                         learning_rate=1e-2, beta=500.0, method="dpo", cfg_dropout=0.0,
                          checkpointing_steps=0, report_to="none")
     Trainer(config, tiny_toy, colour_pairs(8), ChatsMethod(tiny_toy, 500.0), model=dual,
             trainable_parameters=params, collate_fn=stack_batch, show_progress=False,

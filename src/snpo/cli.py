@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from importlib import import_module
 
-from snpo.configuration import ConfigError, load_config
+from snpo.configuration import load_config
+from snpo.errors import ConfigError, UserError
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace, list[str]], int]]] = {}
 
@@ -136,29 +136,6 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-#: errors whose message is one line meant for the user: printed without a traceback
-USER_ERRORS = (
-    ("snpo.configuration", "ConfigError"),
-    ("snpo.data.records", "DataSourceError"),
-    ("snpo.data.cache", "CacheError"),
-    ("snpo.backbones", "ModelNotFoundError"),
-    ("snpo.training.trainer", "NonFiniteError"),
-    ("snpo.scoring.base", "ScorerWeightsMissing"),
-)
-
-
-FIELD_MESSAGE = re.compile(r"^[a-z][a-z0-9_]*: [^\n]*$")
-
-
-def is_user_error(err: BaseException) -> bool:
-    for module, name in USER_ERRORS:
-        if module in sys.modules and isinstance(err, getattr(import_module(module), name)):
-            return True
-    # checks that need the data or the model (e.g. a batch larger than the dataset) raise a
-    # plain ValueError whose one-line message starts with the config field it is about
-    return type(err) is ValueError and FIELD_MESSAGE.match(str(err)) is not None
-
-
 #: subcommand -> its config dataclass ("module:Class"), whose keys --help lists
 CONFIG_CLASSES = {
     "train": "snpo.training.config:TrainConfig",
@@ -202,12 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, fn = COMMANDS[args.command]
     try:
         return fn(args, rest)
-    except ConfigError as err:
-        print(f"snpo {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:
-        if not is_user_error(err):
-            raise
+    except UserError as err:  # one line meant for the user; anything else is a bug
         print(f"snpo {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -19,11 +20,14 @@ from typing import Any, TypeVar
 
 import yaml
 
+from snpo.errors import ConfigError, UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A bad config value or key; the message is one line naming the field."""
+def is_alias(f: dataclasses.Field) -> bool:
+    """A field kept so older configs load (``metadata={"alias_of": "<field>"}``)."""
+    return "alias_of" in f.metadata
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -144,18 +148,15 @@ def config_from_dict(cls: type[T], values: Mapping[str, Any], where: str = "conf
         kwargs[key] = _convert(key, value, types_[key])
     try:
         config = cls(**kwargs)
-    except ConfigError:
+        validate = getattr(config, "validate", None)
+        if callable(validate):
+            validate()
+    except UserError:
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    validate = getattr(config, "validate", None)
-    if callable(validate):
-        try:
-            validate()
-        except ConfigError:
-            raise
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+    for note in getattr(config, "notes", ()):  # old spellings read as new ones: said once
+        print(f"note: {note}", file=sys.stderr)
     return config
 
 
@@ -200,6 +201,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     """A JSON/YAML-able dict of a config dataclass."""
     out = {}
     for f in dataclasses.fields(config):
+        if is_alias(f):
+            continue
         value = getattr(config, f.name)
         if isinstance(value, Path):
             value = str(value)

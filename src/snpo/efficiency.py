@@ -18,6 +18,7 @@ adapters while they are disabled, so trainable counts read inside it would be ze
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -45,18 +46,31 @@ def count_parameters(*modules: nn.Module, trainable_only: bool = False) -> int:
     return sum(seen.values())
 
 
+def method_footprint(method: str, trained: Sequence[nn.Module], reference: nn.Module,
+                     *, label: str | None = None) -> Footprint:
+    """What one training run of the registered ``method`` holds and trains: the networks it
+    trains (``trained``, as many as ``spec.trained_networks``) and the frozen reference (a
+    copy, or the adapters-off policy). Sampling evaluates ``spec.sampling_networks``."""
+    from snpo.methods import get_method
+
+    spec = get_method(method)
+    if len(trained) != len(spec.trained_networks):
+        raise ValueError(f"{method} trains {len(spec.trained_networks)} network(s), got {len(trained)}")
+    return Footprint(
+        method=label or method,
+        trainable=count_parameters(*trained, trainable_only=True),
+        training_resident=count_parameters(*trained, reference),
+        sampling_resident=count_parameters(*trained),
+        training_runs=1,
+        sampling_networks=spec.sampling_networks,
+    )
+
+
 def single_network_footprint(
     policy: nn.Module, reference: nn.Module, method: str = "snpo"
 ) -> Footprint:
     """One trained network against a frozen reference (a copy, or the adapters-off policy)."""
-    return Footprint(
-        method=method,
-        trainable=count_parameters(policy, trainable_only=True),
-        training_resident=count_parameters(policy, reference),
-        sampling_resident=count_parameters(policy),
-        training_runs=1,
-        sampling_networks=1,
-    )
+    return method_footprint("snpo", [policy], reference, label=method)
 
 
 def npo_footprint(
@@ -78,11 +92,4 @@ def npo_footprint(
 
 def chats_footprint(win: nn.Module, lose: nn.Module, reference: nn.Module) -> Footprint:
     """CHATS: two trained networks and the frozen reference in one run."""
-    return Footprint(
-        method="chats",
-        trainable=count_parameters(win, lose, trainable_only=True),
-        training_resident=count_parameters(win, lose, reference),
-        sampling_resident=count_parameters(win, lose),
-        training_runs=1,
-        sampling_networks=2,
-    )
+    return method_footprint("chats", [win, lose], reference)

@@ -45,6 +45,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from snpo.errors import ConfigError
+
 StateDict = Mapping[str, Tensor]
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -284,10 +286,10 @@ def _check_compatible(reference: StateDict, source: StateDict | LoraWeights, nam
     if isinstance(source, LoraWeights):
         for key in source.down:
             if key not in reference:
-                raise ValueError(f"{name}: LoRA adapts {key!r}, which the reference does not have")
+                raise ConfigError(f"{name}: LoRA adapts {key!r}, which the reference does not have")
             shape = (source.up[key].shape[0], *source.down[key].shape[1:])
             if tuple(reference[key].shape) != shape:
-                raise ValueError(
+                raise ConfigError(
                     f"{name}: LoRA delta for {key!r} has shape {shape}, "
                     f"the reference weight {tuple(reference[key].shape)}"
                 )
@@ -296,7 +298,7 @@ def _check_compatible(reference: StateDict, source: StateDict | LoraWeights, nam
     missing = sorted(set(reference) - set(source))
     if extra or missing:
         which = f"extra key {extra[0]!r}" if extra else f"missing key {missing[0]!r}"
-        raise ValueError(f"{name}: state dict does not match the reference ({which})")
+        raise ConfigError(f"{name}: state dict does not match the reference ({which})")
 
 
 def merge_weights(
@@ -315,7 +317,7 @@ def merge_weights(
     """
     for name, value in (("a", a), ("b", b)):
         if not (isinstance(value, int | float) and math.isfinite(value)):
-            raise ValueError(f"{name}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
     _check_compatible(reference, positive, "positive")
     _check_compatible(reference, negative, "negative")
     merged = {}
@@ -384,12 +386,12 @@ class MergeConfig:
     def validate(self) -> None:
         for name in ("reference", "positive", "negative"):
             if not getattr(self, name):
-                raise ValueError(f"{name}: required (a model folder, unet folder or LoRA)")
+                raise ConfigError(f"{name}: required (a model folder, unet folder or LoRA)")
         for name in ("a", "b"):
             if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name}: expected a finite number, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name}: expected a finite number, got {getattr(self, name)!r}")
         if self.dtype != "reference" and self.dtype not in DTYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"dtype: expected reference or one of {', '.join(DTYPES)}, got {self.dtype!r}"
             )
 
@@ -399,7 +401,7 @@ def run_merge(config: MergeConfig) -> Path:
     config.validate()
     kind, ref_where = resolve_weights(config.reference)
     if kind != "full":
-        raise ValueError(
+        raise ConfigError(
             f"reference: {config.reference} holds a LoRA; the reference must be full weights"
         )
     reference = load_weights(config.reference)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from snpo.backbones.base import Backbone, Condition, cat_conditions
+from snpo.errors import ConfigError
 
 Guide = Callable[[Tensor, Tensor, Condition, Condition], Tensor]
 
@@ -36,8 +37,9 @@ SCHEDULERS = {
 
 
 @dataclass
-class SamplingConfig:
-    """The paper's protocol by default: DDIM, 50 steps, CFG 7.5."""
+class SamplerSettings:
+    """Settings of the sampling loop (not the `snpo sample` command, whose config is
+    ``SampleConfig``): the paper's protocol by default, DDIM, 50 steps, CFG 7.5."""
 
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
@@ -46,11 +48,11 @@ class SamplingConfig:
 
     def validate(self) -> None:
         if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps: expected an integer >= 1, got {self.num_inference_steps!r}")
+            raise ConfigError(f"num_inference_steps: expected an integer >= 1, got {self.num_inference_steps!r}")
         if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale: expected a number >= 0, got {self.guidance_scale!r}")
+            raise ConfigError(f"guidance_scale: expected a number >= 0, got {self.guidance_scale!r}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size: expected an integer >= 1, got {self.batch_size!r}")
+            raise ConfigError(f"batch_size: expected an integer >= 1, got {self.batch_size!r}")
         make_scheduler(self.scheduler, None)
 
 
@@ -59,7 +61,7 @@ def make_scheduler(name: str, train_config) -> object:
     class_name = SCHEDULERS.get(name.lower(), name)
     cls = getattr(diffusers, class_name, None)
     if cls is None or not hasattr(cls, "from_config"):
-        raise ValueError(f"scheduler: expected one of {', '.join(SCHEDULERS)} or a diffusers scheduler class, got {name!r}")
+        raise ConfigError(f"scheduler: expected one of {', '.join(SCHEDULERS)} or a diffusers scheduler class, got {name!r}")
     return None if train_config is None else cls.from_config(train_config)
 
 
@@ -88,7 +90,7 @@ def sample_latents(
     prompts: Sequence[str],
     seeds: Sequence[int],
     latent_shape: Sequence[int],
-    config: SamplingConfig,
+    config: SamplerSettings,
     *,
     condition_extras: dict[str, Tensor] | None = None,
     show_progress: bool = False,
@@ -97,7 +99,7 @@ def sample_latents(
     """Latents for each (prompt, seed); batched by ``config.batch_size``."""
     config.validate()
     if len(prompts) != len(seeds):
-        raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
+        raise ConfigError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
     device = backbone.device
     out = []
     batches = range(0, len(prompts), config.batch_size)
@@ -107,12 +109,13 @@ def sample_latents(
         extras = {k: v[start:stop].to(device) for k, v in (condition_extras or {}).items()}
         cond = backbone.encode_prompts(batch_prompts, **extras)
         null = backbone.null_condition(cond)
-        scheduler = make_scheduler(config.scheduler, backbone.noise_scheduler.config)
-        scheduler.set_timesteps(config.num_inference_steps, device=device)
-        latents = initial_noise(latent_shape, seeds[start:stop]).to(device) * scheduler.init_noise_sigma
+        # the family decides the scheduler's timesteps (flow models: the pipeline's sigmas and
+        # resolution shift), the starting latents and the model input (Backbone hooks)
+        scheduler = backbone.sampling_scheduler(config.scheduler, config.num_inference_steps, device, latent_shape)
+        latents = backbone.initial_latents(latent_shape, seeds[start:stop], scheduler, device)
         dtype = cond["encoder_hidden_states"].dtype
         for t in scheduler.timesteps:
-            model_input = scheduler.scale_model_input(latents, t).to(dtype)
+            model_input = backbone.sampling_model_input(scheduler, latents, t).to(dtype)
             timestep = t.expand(latents.shape[0]).to(device)
             prediction = guide(model_input, timestep, cond, null).float()
             latents = scheduler.step(prediction, t, latents).prev_sample
@@ -127,7 +130,7 @@ def sample_images(
     prompts: Sequence[str],
     seeds: Sequence[int],
     latent_shape: Sequence[int],
-    config: SamplingConfig,
+    config: SamplerSettings,
     **kwargs,
 ) -> Tensor:
     """Images in [0, 1], shape (N, 3, H, W), for each (prompt, seed)."""

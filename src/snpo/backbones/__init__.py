@@ -10,57 +10,39 @@ its own pipeline class, one in ``PIPELINE_FAMILIES``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from snpo.backbones.base import Backbone
+from snpo.backbones.flux import FluxBackbone
+from snpo.backbones.loading import ModelNotFoundError, read_model_index, resolve_model_path
 from snpo.backbones.sd import StableDiffusionBackbone
+from snpo.backbones.sd3 import StableDiffusion3Backbone
 from snpo.backbones.sdxl import StableDiffusionXLBackbone
 from snpo.backbones.toy import TOY_CLASS_NAME, ToyBackbone
+from snpo.backbones.toy_flow import TOY_FLOW_CLASS_NAME, ToyFlowBackbone
 
 BACKBONES: dict[str, type[Backbone]] = {
     "toy": ToyBackbone,
+    "toy-flow": ToyFlowBackbone,
     "sd": StableDiffusionBackbone,
     "sdxl": StableDiffusionXLBackbone,
+    "sd3": StableDiffusion3Backbone,
+    "flux": FluxBackbone,
 }
 
 #: ``model_index.json`` ``_class_name`` -> family
 PIPELINE_FAMILIES: dict[str, str] = {
     TOY_CLASS_NAME: "toy",
+    TOY_FLOW_CLASS_NAME: "toy-flow",
     "StableDiffusionPipeline": "sd",
     "StableDiffusionImg2ImgPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusion3Img2ImgPipeline": "sd3",
+    "FluxPipeline": "flux",
+    "FluxImg2ImgPipeline": "flux",
 }
-
-
-class ModelNotFoundError(ValueError):
-    """``model_name_or_path`` cannot be opened; the message is one line."""
-
-
-def _is_hub_id(spec: str) -> bool:
-    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not Path(spec).exists()
-
-
-def read_model_index(spec: str | Path, *, revision: str | None = None) -> dict[str, Any]:
-    """``model_index.json`` of a folder or a hub repo (only that file is fetched)."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise ModelNotFoundError(f"model_name_or_path: {spec} has no model_index.json (not a diffusers pipeline folder)")
-        return json.loads(index.read_text())
-    if not _is_hub_id(str(spec)):
-        raise ModelNotFoundError(f"model_name_or_path: no such folder {str(spec)!r}")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return json.loads(Path(hf_hub_download(str(spec), "model_index.json", revision=revision)).read_text())
-    except Exception as exc:  # offline, unknown repo, gated: one line whatever the cause
-        raise ModelNotFoundError(
-            f"model_name_or_path: {spec} is not a local folder and the hub lookup failed: {type(exc).__name__}"
-        ) from exc
 
 
 def detect_family(spec: str | Path, *, revision: str | None = None) -> str:
@@ -71,27 +53,16 @@ def detect_family(spec: str | Path, *, revision: str | None = None) -> str:
         return PIPELINE_FAMILIES[name]
     if "text_encoder_2" in index and "unet" in index:
         return "sdxl"
+    if "transformer" in index and "text_encoder_3" in index:
+        return "sd3"
+    if "transformer" in index and (index.get("text_encoder_2") or [None, None])[-1] == "T5EncoderModel":
+        return "flux"
     if "text_encoder" in index and "unet" in index:
         return "sd"
     raise ModelNotFoundError(
         f"model_name_or_path: {spec} is a {name or 'pipeline of unknown class'}; "
         f"supported: {', '.join(sorted(PIPELINE_FAMILIES))}"
     )
-
-
-def resolve_model_path(spec: str | Path, *, revision: str | None = None, variant: str | None = None) -> Path:
-    """A local folder for ``spec``: the folder itself, or the hub snapshot (downloaded once,
-    the files a diffusers pipeline needs only)."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path
-    read_model_index(spec, revision=revision)  # a clear error before a long download
-    try:
-        from diffusers import DiffusionPipeline
-
-        return Path(DiffusionPipeline.download(str(spec), revision=revision, variant=variant))
-    except Exception as exc:
-        raise ModelNotFoundError(f"model_name_or_path: download of {spec} failed: {type(exc).__name__}") from exc
 
 
 def load_backbone(
@@ -129,5 +100,6 @@ __all__ = [
     "ModelNotFoundError",
     "detect_family",
     "load_backbone",
+    "read_model_index",
     "resolve_model_path",
 ]

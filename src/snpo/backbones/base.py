@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from snpo.errors import ConfigError
+
 Condition = dict[str, Tensor]
 
 #: LoRA target modules of the diffusers UNet attention blocks (the Diffusion-DPO choice).
@@ -61,6 +63,14 @@ class Backbone(ABC):
     #: Opt-in speed options (TrainConfig fields), applied by ``prepare_for_training``.
     channels_last: bool = False
     torch_compile: bool = False
+    #: Modules that get LoRA adapters (a family with another denoiser names its own).
+    lora_target_modules: tuple[str, ...] = LORA_TARGET_MODULES
+    #: Whether the family's sampler runs an unconditional (null) branch, i.e. whether
+    #: ``null_condition`` is an input the sampler really uses. True for SD1.5, SDXL, SD3 and
+    #: the toy; a guidance-distilled FLUX samples with no null branch unless true CFG is
+    #: opted in (``FluxBackbone.true_cfg``). Objectives that train the null branch (snpo,
+    #: snpo-naive) and dual-model methods built on it should refuse a backbone without one.
+    has_null_branch: bool = True
 
     denoiser: nn.Module
     noise_scheduler: Any  # a diffusers scheduler used to noise training samples
@@ -141,7 +151,7 @@ class Backbone(ABC):
             return self.noise_scheduler.get_velocity(latents, noise, timesteps)
         if kind == "sample":
             return latents
-        raise ValueError(f"prediction_type: unsupported {kind!r} (epsilon, v_prediction, sample)")
+        raise ConfigError(f"prediction_type: unsupported {kind!r} (epsilon, v_prediction, sample)")
 
     def predict(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, cond: Condition) -> Tensor:
         """One denoiser forward; ``model`` may be a DDP/FSDP wrapper of ``self.denoiser``."""
@@ -150,6 +160,34 @@ class Backbone(ABC):
         if self.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         return model(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"], **kwargs).sample
+
+    # ---- sampling (``snpo.sampling.sample_latents``) ----------------------------------
+    def sampling_scheduler(
+        self, name: str, num_inference_steps: int, device: torch.device | str, latent_shape: Sequence[int]
+    ) -> Any:
+        """The inference scheduler ``name`` with its timesteps set for ``num_inference_steps``.
+
+        Default: the named diffusers scheduler built from the training scheduler's config
+        (``latent_shape`` unused). Flow-matching families set the pipeline's own sigmas and
+        resolution-dependent shift instead."""
+        from snpo.sampling import make_scheduler
+
+        scheduler = make_scheduler(name, self.noise_scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        return scheduler
+
+    def initial_latents(
+        self, latent_shape: Sequence[int], seeds: Sequence[int], scheduler: Any, device: torch.device | str
+    ) -> Tensor:
+        """The starting latents of the sampler, one per seed, each from its own CPU generator
+        (so an image does not depend on its batch), scaled by the scheduler's initial sigma."""
+        from snpo.sampling import initial_noise
+
+        return initial_noise(latent_shape, seeds).to(device) * scheduler.init_noise_sigma
+
+    def sampling_model_input(self, scheduler: Any, latents: Tensor, t: Tensor) -> Tensor:
+        """What the denoiser sees at step ``t`` (the scheduler's input scaling by default)."""
+        return scheduler.scale_model_input(latents, t)
 
     # ---- devices and dtypes ---------------------------------------------------------
     @property
@@ -198,7 +236,7 @@ class Backbone(ABC):
                     r=lora_rank,
                     lora_alpha=lora_rank,
                     init_lora_weights="gaussian",
-                    target_modules=list(LORA_TARGET_MODULES),
+                    target_modules=list(self.lora_target_modules),
                 )
             )
             self._reference = None  # the same network with adapters disabled

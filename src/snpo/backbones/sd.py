@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,18 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from snpo.backbones.base import Backbone, Condition
+from snpo.backbones.loading import read_model_index
+from snpo.errors import ConfigError
 
 #: Files a full fine-tune writes: ``UNet2DConditionModel.from_pretrained(dir, subfolder="unet")``.
 UNET_SUBFOLDER = "unet"
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-
-
-def read_model_index(path: str | Path) -> dict[str, Any]:
-    """The ``model_index.json`` of a pipeline folder (one-line error when absent)."""
-    index = Path(path) / "model_index.json"
-    if not index.is_file():
-        raise ValueError(f"model_name_or_path: {path} has no model_index.json (not a diffusers pipeline folder)")
-    return json.loads(index.read_text())
 
 
 class StableDiffusionBackbone(Backbone):
@@ -115,7 +108,7 @@ class StableDiffusionBackbone(Backbone):
         if with_encoders:
             for name, klass in cls.component_classes().items():
                 if index.get(name, [None, None])[0] is None:
-                    raise ValueError(f"model_name_or_path: {path} has no {name} component")
+                    raise ConfigError(f"model_name_or_path: {path} has no {name} component")
                 if name == "vae" and vae_path is not None:
                     components[name] = klass.from_pretrained(vae_path, revision=revision)
                 elif name.startswith("tokenizer"):

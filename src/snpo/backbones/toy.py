@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from snpo.backbones.base import Backbone, Condition
+from snpo.errors import ConfigError
 
 TOY_CLASS_NAME = "SnpoToyPipeline"
 
@@ -121,7 +122,7 @@ class ToyBackbone(Backbone):
         path = Path(path)
         index = json.loads((path / "model_index.json").read_text())
         if index.get("_class_name") != TOY_CLASS_NAME:
-            raise ValueError(f"model_name_or_path: {path} is not a snpo toy model folder")
+            raise ConfigError(f"model_name_or_path: {path} is not a snpo toy model folder")
         config = ToyModelConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in index["toy_config"].items()})
         return cls(
             UNet2DConditionModel.from_pretrained(path / "unet"),

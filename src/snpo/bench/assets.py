@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from snpo.errors import ConfigError
+
 ARCHS = ("tiny", "sd15", "sdxl")
 ASSET_VERSION = 1
 WORDS = ("a", "photo", "of", "red", "blue", "green", "cat", "dog", "house", "tree", "on", "the",
@@ -76,7 +78,7 @@ def build_pipeline(arch: str, folder: Path, seed: int = 0) -> Path:
     from snpo.toy.tokenizer import build_toy_tokenizer
 
     if arch not in ARCHS:
-        raise ValueError(f"arch: expected one of {', '.join(ARCHS)}, got {arch!r}")
+        raise ConfigError(f"arch: expected one of {', '.join(ARCHS)}, got {arch!r}")
     torch.manual_seed(seed)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -5,42 +5,44 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from snpo.errors import ConfigError
+
 #: Every configuration the benchmark knows. ``kind``: which loop runs it; the rest are
-#: differences from the snpo default (``objective: dpo`` from the latent/text cache, LoRA,
+#: differences from the snpo default (``method: dpo`` from the latent/text cache, LoRA,
 #: SDPA attention, contiguous memory, the trainer's optimizer, no torch.compile).
 VARIANTS: dict[str, dict[str, Any]] = {
     "reference-script": {
-        "kind": "reference-script", "objective": "dpo",
+        "kind": "reference-script", "method": "dpo",
         "about": "the diffusers diffusion_dpo loop: decode, VAE encode (sample) and text encoder every step"},
     "dpo-uncached": {
-        "objective": "dpo", "cached": False,
+        "method": "dpo", "cached": False,
         "about": "snpo trainer, no cache: decode, VAE encode (mean) and text encoder every step"},
-    "dpo": {"objective": "dpo", "about": "snpo default: latents and text from the cache (`snpo cache`)"},
+    "dpo": {"method": "dpo", "about": "snpo default: latents and text from the cache (`snpo cache`)"},
     "objectives": {
-        "method": "objectives", "objective": "dpo",
+        "method": "objectives",
         "objectives": ["dpo", "bdpo", "snpo-naive", "snpo", "sft"],
         "about": "the five single-network objectives taking turns step by step in one process"},
-    "snpo": {"objective": "snpo", "about": "Diff-SNPO (bounded), from the cache"},
+    "snpo": {"method": "snpo", "about": "Diff-SNPO (bounded), from the cache"},
     "npo-negative": {
-        "method": "npo-negative", "objective": "dpo",
+        "method": "npo-negative",
         "about": "Diff-NPO's second run: dpo on reversed labels (its first run is `dpo`)"},
-    "chats": {"method": "chats", "objective": "dpo",
+    "chats": {"method": "chats",
               "about": "CHATS: win + lose networks trained together, plus the reference"},
-    "snpo-eager-attention": {"objective": "snpo", "attention": "classic",
+    "snpo-eager-attention": {"method": "snpo", "attention": "classic",
                              "about": "before SDPA: diffusers' AttnProcessor (bmm + softmax)"},
-    "snpo-channels-last": {"objective": "snpo", "channels_last": True,
+    "snpo-channels-last": {"method": "snpo", "channels_last": True,
                            "about": "channels_last: true (NHWC weights and inputs)"},
-    "snpo-forloop-adamw": {"objective": "snpo", "optimizer": "forloop",
+    "snpo-forloop-adamw": {"method": "snpo", "optimizer": "forloop",
                            "about": "before fused AdamW (snpo's default): torch's for-loop AdamW, its CPU default"},
-    "snpo-compile": {"objective": "snpo", "torch_compile": True,
+    "snpo-compile": {"method": "snpo", "torch_compile": True,
                      "about": "torch_compile: true (compile time excluded: warm-up steps)"},
-    "snpo-store-write": {"objective": "snpo", "store": "write",
+    "snpo-store-write": {"method": "snpo", "store": "write",
                          "about": "precompute_reference: true, first run of a sweep (records e_ref)"},
-    "snpo-store-read": {"objective": "snpo", "store": "read", "beta": 5000.0,
+    "snpo-store-read": {"method": "snpo", "store": "read", "beta": 5000.0,
                         "about": "precompute_reference: true, a later sweep run (beta 5000): no reference forward"},
-    "snpo-full": {"objective": "snpo", "lora_rank": 0,
+    "snpo-full": {"method": "snpo", "lora_rank": 0,
                   "about": "full fine-tune (lora_rank 0): frozen reference copy, AdamW over the whole UNet"},
-    "snpo-full-forloop-adamw": {"objective": "snpo", "lora_rank": 0, "optimizer": "forloop",
+    "snpo-full-forloop-adamw": {"method": "snpo", "lora_rank": 0, "optimizer": "forloop",
                                 "about": "full fine-tune with torch's for-loop AdamW (before fused)"},
 }
 
@@ -109,7 +111,7 @@ class BenchConfig:
                 raise ValueError(f"{name}: expected {allowed}, got {getattr(self, name)!r}")
         for name in [*self.variants, *self.skip]:
             if name not in VARIANTS:
-                raise ValueError(f"variants: unknown {name!r}; known: {', '.join(VARIANTS)}")
+                raise ConfigError(f"variants: unknown {name!r}; known: {', '.join(VARIANTS)}")
 
     def plan(self) -> list[str]:
         names = list(self.variants) or list(DEFAULT_PLAN)

@@ -129,7 +129,7 @@ def variant_spec(name: str, config: BenchConfig, assets: dict[str, Any], out: Pa
         "warmup_steps": config.warmup_steps, "measure_steps": measure,
         "count_flops": config.count_flops,
     }
-    for key in ("objective", "objectives", "method", "cached", "attention", "channels_last",
+    for key in ("objectives", "method", "cached", "attention", "channels_last",
                 "torch_compile", "optimizer"):
         if key in v:
             spec[key] = v[key]

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
-from snpo.bench.timing import PhaseTimer, optimizer_hooks
+from snpo.bench.timing import PhaseTimer
+from snpo.errors import ConfigError
+from snpo.training.trainer import Callback
 
 
 def _device(spec: dict[str, Any]) -> torch.device:
@@ -71,43 +73,28 @@ def instrument_backbone(backbone: Any, timer: PhaseTimer) -> None:
     backbone.reference = timed_reference
 
 
-def _trainer_class():
-    from snpo.training.trainer import Trainer
+class TimingCallback(Callback):
+    """The trainer's hooks as phase timers: backward, then clipping + the optimizer step; a
+    step ends after ``zero_grad`` (``after_optimizer``)."""
 
-    class InstrumentedTrainer(Trainer):
-        """The snpo ``Trainer`` with phase timers around backward, clipping and the
-        optimizer, and a choice of AdamW implementation."""
+    def __init__(self, timer: PhaseTimer) -> None:
+        self.timer = timer
 
-        def __init__(self, *args: Any, timer: PhaseTimer, optimizer_impl: str = "default", **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.timer, self.optimizer_impl = timer, optimizer_impl
+    def on_loop_begin(self, trainer: Any) -> None:
+        self.timer.begin()
 
-        def _make_accelerator(self):
-            accelerator = super()._make_accelerator()
-            accelerator.backward = self.timer.wrap(accelerator.backward, "policy_backward")
-            return accelerator
+    def before_backward(self) -> None:
+        self.timer.start("policy_backward")
 
-        def _make_optimizer(self, params, world):
-            if self.optimizer_impl == "default":
-                optimizer = super()._make_optimizer(params, world)
-            else:
-                c = self.config
-                flags = {"fused": {"fused": True}, "foreach": {"foreach": True},
-                         "forloop": {"foreach": False, "fused": False}}[self.optimizer_impl]
-                optimizer = torch.optim.AdamW(
-                    params, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
-                    weight_decay=c.adam_weight_decay, eps=c.adam_epsilon, **flags)
-            return optimizer_hooks(optimizer, self.timer)
+    def after_backward(self) -> None:
+        self.timer.stop("policy_backward")
 
-        def _clip(self, accelerator, params):
-            with self.timer.phase("optimizer"):
-                return super()._clip(accelerator, params)
+    def before_optimizer(self) -> None:
+        self.timer.start("optimizer")
 
-        def _loop(self, *args: Any, **kwargs: Any):
-            self.timer.begin()
-            return super()._loop(*args, **kwargs)
-
-    return InstrumentedTrainer
+    def after_optimizer(self) -> None:
+        self.timer.stop("optimizer")
+        self.timer.end_step()
 
 
 class InterleavedObjectives:
@@ -128,27 +115,17 @@ class InterleavedObjectives:
         return self.methods[name].compute_loss(model, batch, pair_seeds)
 
 
-def run_snpo(spec: dict[str, Any], timer: PhaseTimer) -> dict[str, Any]:
-    """Train ``warmup + measure`` steps with the snpo trainer, set up as ``run_train`` does."""
-    from snpo.backbones import detect_family, load_backbone
-    from snpo.data import (
-        GroupedShuffleSampler,
-        PairedTransform,
-        PreferencePairDataset,
-        collate_pairs,
-        load_preference_source,
-    )
-    from snpo.data.cache import CachedGroupSampler, collate_cached, open_cache
-    from snpo.methods.single import SingleNetworkMethod
+def bench_train_config(spec: dict[str, Any]) -> Any:
+    """The ``TrainConfig`` of one benchmarked configuration."""
     from snpo.training.config import TrainConfig
-    from snpo.training.run import RESAMPLE, fingerprint_for
-    from snpo.training.speed import apply_speed_options
 
     store_dir = spec.get("reference_errors_dir")
-    config = TrainConfig(
+    method = spec.get("method", "snpo")
+    return TrainConfig(
         model_name_or_path=spec["model"], dataset_name=spec["dataset"],
         cache_dir=spec["cache_dir"] if spec.get("cached", True) else None,
-        output_dir=spec["output_dir"], resolution=spec["resolution"], objective=spec["objective"],
+        output_dir=spec["output_dir"], resolution=spec["resolution"],
+        method="dpo" if method == "objectives" else method,
         beta=spec["beta"], cfg_dropout=spec.get("cfg_dropout", 0.1),
         max_steps=spec["warmup_steps"] + spec["measure_steps"],
         per_device_train_batch_size=spec["batch_size"], learning_rate=1e-6,
@@ -156,86 +133,62 @@ def run_snpo(spec: dict[str, Any], timer: PhaseTimer) -> dict[str, Any]:
         mixed_precision=spec["mixed_precision"], checkpointing_steps=0, report_to="none",
         seed=spec["seed"], channels_last=spec.get("channels_last", False),
         torch_compile=spec.get("torch_compile", False),
+        adam_implementation=spec.get("optimizer", "fused"),
         precompute_reference=bool(store_dir), reference_errors_dir=store_dir,
     )
-    config.validate()
-    family = detect_family(config.model_name_or_path)
-    extra: dict[str, Any] = {}
-    if config.cache_dir:
-        from snpo.backbones import resolve_model_path
 
-        dataset: Any = open_cache(config.cache_dir, fingerprint_for(
-            config, family, resolve_model_path(config.model_name_or_path)), seed=config.seed)
-        backbone = load_backbone(config.model_name_or_path, family=family, with_encoders=False)
-        backbone.preset_null_text(dataset.null_text)
-        collate = collate_cached
-        extra["sampler"] = CachedGroupSampler(dataset, seed=config.seed)
-    else:
-        source = load_preference_source(config.dataset_name, drop_ties=config.drop_ties)
-        source.scan()
-        backbone = load_backbone(config.model_name_or_path, family=family, with_encoders=True)
-        transform = PairedTransform(config.resolution, center_crop=config.center_crop,
-                                    random_flip=config.random_flip, resample=RESAMPLE)
-        dataset = PreferencePairDataset(source, transform, seed=config.seed, on_unreadable="substitute")
-        collate = collate_pairs
-        extra["sampler"] = GroupedShuffleSampler(source, seed=config.seed)
+
+def run_snpo(spec: dict[str, Any], timer: PhaseTimer) -> dict[str, Any]:
+    """Train ``warmup + measure`` steps with the job ``snpo train`` builds (``build_job``),
+    with phase timers on the data, the backbone and the trainer's hooks."""
+    from dataclasses import replace
+
+    from snpo.efficiency import count_parameters
+    from snpo.methods import BuiltMethod
+    from snpo.training.data import training_data
+    from snpo.training.job import backbone_for, build_job, build_method
+
+    config = bench_train_config(spec)
+    config.validate()
+    data = training_data(config, _family(config))
+    backbone = backbone_for(config, data)
     if spec.get("attention") == "classic":  # the pre-SDPA attention (bmm + softmax)
         from diffusers.models.attention_processor import AttnProcessor
 
         backbone.denoiser.set_attn_processor(AttnProcessor())
     instrument_backbone(backbone, timer)
-
-    method_name = spec.get("method", "single")
-    model = params = None
-    if method_name == "single":
-        method: Any = SingleNetworkMethod(backbone, config.objective_config, config.cfg_dropout)
-        apply_speed_options(config, backbone, method)
-        if method.reference_store is not None:
-            method.reference_store.lookup = timer.wrap(method.reference_store.lookup, "reference_forward")
-    elif method_name == "objectives":
-        from snpo.objectives import ObjectiveConfig
-
-        methods = {
-            name: SingleNetworkMethod(backbone, ObjectiveConfig(name, config.beta, config.mix_lambda,
-                                                                config.mix_scale), config.cfg_dropout)
-            for name in spec["objectives"]
-        }
-        method = InterleavedObjectives(methods, timer)
-    elif method_name == "npo-negative":
-        from snpo.methods.npo import npo_negative_method
-
-        method = npo_negative_method(backbone, config.beta)
-    elif method_name == "chats":
-        from snpo.methods.chats import ChatsMethod, prepare_chats
-
-        model, params = prepare_chats(backbone, lora_rank=config.lora_rank)
-        method = ChatsMethod(backbone, beta=config.beta)
-    else:
-        raise ValueError(f"method: unknown {method_name!r}")
-    if method_name != "single":
-        backbone.channels_last = config.channels_last
-    trainer = _trainer_class()(
-        config, backbone, TimedDataset(dataset, timer), method,
-        collate_fn=timer.wrap(collate, "data"), model=model, trainable_parameters=params,
-        show_progress=False, save_model=False, write_logs=False, timer=timer,
-        optimizer_impl=spec.get("optimizer", "default"), **extra,
-    )
-    result = trainer.train()
+    data = replace(data, dataset=TimedDataset(data.dataset, timer),
+                   collate_fn=timer.wrap(data.collate_fn, "data"))
+    built = None
+    if spec.get("method") == "objectives":  # several objectives, one process, taking turns
+        methods = {name: build_method(replace(config, method=name), backbone).method
+                   for name in spec["objectives"]}
+        built = BuiltMethod(InterleavedObjectives(methods, timer))
+    job = build_job(config, backbone=backbone, data=data, built=built,
+                    callbacks=[TimingCallback(timer)], show_progress=False, save_model=False,
+                    write_logs=False)
+    store = getattr(job.method, "reference_store", None)
+    if store is not None:
+        store.lookup = timer.wrap(store.lookup, "reference_forward")
+    result = job.trainer.train()
     out = timer.finish()
-    from snpo.efficiency import count_parameters
-
-    denoiser = model if model is not None else backbone.denoiser
+    denoiser = job.built.model if job.built.model is not None else backbone.denoiser
     out["parameters"] = {
         "denoiser": count_parameters(denoiser),
         "trainable": count_parameters(denoiser, trainable_only=True),
         "reference_copy": count_parameters(backbone._reference) if backbone._reference is not None else 0,
     }
     out["final_loss"] = result.final_metrics.get("loss")
-    store = getattr(method, "reference_store", None)
     if store is not None:
         out["store"] = {"hits": store.hits, "misses": store.misses, "recorded": store.recorded,
                         "stored_before": len(store)}
     return out
+
+
+def _family(config: Any) -> str:
+    from snpo.backbones import detect_family
+
+    return detect_family(config.model_name_or_path)
 
 
 # ---- assets, cache, probes -----------------------------------------------------------------
@@ -385,7 +338,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
                     out = run_reference_script(spec, timer)
                 else:
-                    raise ValueError(f"kind: unknown {kind!r}")
+                    raise ConfigError(f"kind: unknown {kind!r}")
             out["device"] = str(device)
             out["threads"] = torch.get_num_threads()
         out["ok"] = True

@@ -18,8 +18,8 @@ from snpo.data.dataset import PreferencePairDataset, SkippedItem, collate_pairs
 from snpo.data.load import load_preference_source
 from snpo.data.pickapic import PICKAPIC
 from snpo.data.records import DataSourceError, PreferenceRecord, RecordSkipped
-from snpo.data.report import SkipReport
 from snpo.data.sampler import GroupedShuffleSampler
+from snpo.data.skips import SkipReport
 from snpo.data.source import PAIRS, PreferenceSource, Schema
 from snpo.data.transforms import PairedTransform
 

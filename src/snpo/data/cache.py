@@ -56,17 +56,18 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from snpo.data.dataset import SkippedItem, item_seed
 from snpo.data.records import RecordSkipped
-from snpo.data.report import SkipReport
 from snpo.data.sampler import GroupedShuffleSampler
+from snpo.data.skips import SkipReport
 from snpo.data.source import PreferenceSource
 from snpo.data.transforms import PairedTransform
+from snpo.errors import UserError
+from snpo.files import atomic_save_safetensors, atomic_write_json
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -80,7 +81,7 @@ DATA_SUFFIXES = frozenset({".parquet", ".arrow", ".jsonl", ".ndjson", ".csv", ".
 HASH_SAMPLE = 1 << 20  # bytes hashed at the start, middle and end of each weight file
 
 
-class CacheError(ValueError):
+class CacheError(UserError):
     """A cache that cannot be used (missing, incomplete, stale); the message is one line."""
 
 
@@ -196,18 +197,6 @@ def read_manifest(cache_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
-def _save_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
 # ---- building ----------------------------------------------------------------------------
 class _PairImages(Dataset):
     """Decoded, centre-cropped pairs (and their flipped twins) of a source, for encoding."""
@@ -293,7 +282,7 @@ class _ShardWriter:
             tensors = {k: torch.zeros(0, dtype=torch.int64) for k in ("source_index", "source_group", "text_index")}
         metadata = {"keys": json.dumps(self.keys), "prompts": json.dumps(list(self.prompts)),
                     "skipped": json.dumps(self.skipped)}
-        _save_atomic(tensors, path, metadata)
+        atomic_save_safetensors(tensors, path, metadata)
         return len(self.keys)
 
 
@@ -341,12 +330,12 @@ def build_cache(
             return existing
     if is_main:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(cache_dir / MANIFEST, {"fingerprint": fingerprint, "layout": layout, "complete": False})
+        atomic_write_json(cache_dir / MANIFEST, {"fingerprint": fingerprint, "layout": layout, "complete": False})
         if not (cache_dir / NULL_FILE).is_file():
             with torch.no_grad():
                 null = backbone.null_condition(backbone.encode_prompts([""]))
             rows = {f"text.{k}": v[:1].to("cpu", storage_dtype) for k, v in null.items() if k not in layout["image_keys"]}
-            _save_atomic(rows, cache_dir / NULL_FILE)
+            atomic_save_safetensors(rows, cache_dir / NULL_FILE)
     if accelerator is not None:
         accelerator.wait_for_everyone()
 
@@ -381,7 +370,7 @@ def build_cache(
         accelerator.wait_for_everyone()
     manifest = _finish_manifest(cache_dir, fingerprint, layout, source.scan(), num_shards)
     if is_main:
-        _write_json_atomic(cache_dir / MANIFEST, manifest)
+        atomic_write_json(cache_dir / MANIFEST, manifest)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return manifest

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from snpo.data.records import RecordSkipped
-from snpo.data.report import SkipReport
+from snpo.data.skips import SkipReport
 from snpo.data.source import PreferenceSource
 from snpo.data.transforms import PairedTransform
 

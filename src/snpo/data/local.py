@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from snpo.data.records import DataSourceError, one_line
-from snpo.data.report import MALFORMED_ROW
+from snpo.data.skips import MALFORMED_ROW
 from snpo.data.store import RowStore
 
 LOCAL_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}

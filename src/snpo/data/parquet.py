@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from snpo.data.records import DataSourceError, RecordSkipped, one_line
-from snpo.data.report import MALFORMED_ROW, UNREADABLE_SHARD
+from snpo.data.skips import MALFORMED_ROW, UNREADABLE_SHARD
 from snpo.data.store import LRU, RowStore, missing_columns_error
 
 GLOB_CHARS = set("*?[")

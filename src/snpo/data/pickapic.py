@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from snpo.data.report import BAD_LABEL, TIE
+from snpo.data.skips import BAD_LABEL, TIE
 from snpo.data.source import Schema
 
 VALID_LABELS = (0.0, 0.5, 1.0)

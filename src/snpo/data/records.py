@@ -18,10 +18,11 @@ from typing import Any
 
 from PIL import Image
 
-from snpo.data.report import UNREADABLE_IMAGE
+from snpo.data.skips import UNREADABLE_IMAGE
+from snpo.errors import UserError
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError):
     """A source cannot be used at all (no such file, a missing column, no usable rows).
 
     The message is always one line and names the source, so a trainer can print it as is.

@@ -36,7 +36,7 @@ from snpo.data.records import (
     image_problem,
     normalize_image_value,
 )
-from snpo.data.report import (
+from snpo.data.skips import (
     DUPLICATE_PAIR,
     EMPTY_CAPTION,
     FILE_KINDS,

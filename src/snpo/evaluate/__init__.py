@@ -9,7 +9,7 @@
 - ``sample``: :class:`SampleConfig` and :func:`run_sample`.
 - ``score``: :class:`ScoreConfig` and :func:`run_score`.
 - ``report``: :class:`ReportConfig` and :func:`run_report` (aggregation through
-  ``snpo.report``, which the toy demo's report uses too).
+  ``snpo.evaluate.aggregate``, which the toy demo's report uses too).
 
-(``snpo.evaluation`` is something else: the implicit accuracy of a branch on preference pairs.)
+(``snpo.evaluate.implicit_accuracy`` is something else: the implicit accuracy of a branch on preference pairs.)
 """

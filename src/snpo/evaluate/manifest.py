@@ -15,57 +15,25 @@ without manifest lines, or a torn last line: a resumed run ignores all three and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from snpo.errors import ConfigError
+from snpo.files import TMP_SUFFIX, atomic_write_bytes, sha256_file
+
 MANIFEST = "manifest.jsonl"
 SETTINGS = "sample_settings.json"
 IMAGES = "images"
 SCORES = "scores.jsonl"
 SCORES_CSV = "scores.csv"
-TMP_SUFFIX = ".tmp"
 
 
 def image_name(prompt_index: int, seed: int) -> str:
     """The image's path relative to the sample folder."""
     return f"{IMAGES}/p{prompt_index:05d}_s{seed}.png"
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not every platform opens folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path.tmp``, flush it to disk and rename it over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -138,7 +106,7 @@ def read_manifest(folder: str | Path) -> list[dict[str, Any]]:
     last record winning for an image written twice. One-line error without a manifest."""
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
-        raise ValueError(f"samples: {folder} has no {MANIFEST} (not a `snpo sample` folder)")
+        raise ConfigError(f"samples: {folder} has no {MANIFEST} (not a `snpo sample` folder)")
     records, _ = read_jsonl(folder / MANIFEST)
     latest: dict[str, dict[str, Any]] = {}
     for record in records:

@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from snpo.errors import ConfigError
+
 PROMPT_FORMATS = ("auto", "pickapic", "txt", "hpdv2", "partiprompts")
 #: the HPSv2 benchmark's styles, in the order ``hpsv2.benchmark_prompts("all")`` lists them
 HPD_STYLES = ("anime", "concept-art", "paintings", "photo")
@@ -187,14 +189,14 @@ def load_prompts(
 ) -> PromptSet:
     """Read a prompt set; ``limit`` keeps the first prompts. Errors are one line."""
     if prompts_format not in PROMPT_FORMATS:
-        raise ValueError(
+        raise ConfigError(
             f"prompts_format: expected one of {', '.join(PROMPT_FORMATS)}, got {prompts_format!r}"
         )
     kind = detect_format(spec) if prompts_format == "auto" else prompts_format
     if kind != "pickapic" and not Path(spec).expanduser().exists():
         raise _error(f"no such file or folder {str(spec)!r}")
     if split is not None and kind != "pickapic":
-        raise ValueError(
+        raise ConfigError(
             f"prompts_split: only Pick-a-Pic parquet has splits, {str(spec)!r} is {kind}"
         )
     path = Path(spec).expanduser() if kind != "pickapic" else spec

@@ -7,7 +7,7 @@ Writes ``report.md`` and ``results.csv`` (one row per run: mean and spread of ea
 win rate against the baseline), ``per_seed.csv`` (each seed's mean) and ``samples.png`` (one
 row per run, the same prompts and seeds in every column).
 
-The numbers, computed by the same functions as the toy demo's report (``snpo.report``):
+The numbers, computed by the same functions as the toy demo's report (``snpo.evaluate.aggregate``):
 
 - runs are compared on the same images only: the seeds every run has, and the prompts every
   run has for all of those seeds under every metric (what is left out is listed);
@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from snpo.errors import ConfigError
 from snpo.evaluate import manifest as mf
 from snpo.evaluate.score import scored_images
 
@@ -70,26 +71,26 @@ class ReportConfig:
 
     def validate(self) -> None:
         if not self.runs:
-            raise ValueError("runs: required (one or more scored `snpo sample` folders)")
+            raise ConfigError("runs: required (one or more scored `snpo sample` folders)")
         for folder in self.runs:
             if not (Path(folder) / mf.MANIFEST).is_file():
-                raise ValueError(
+                raise ConfigError(
                     f"runs: {folder} has no {mf.MANIFEST} (not a `snpo sample` folder)"
                 )
         if self.names is not None and len(self.names) != len(self.runs):
-            raise ValueError(
+            raise ConfigError(
                 f"names: expected one per run ({len(self.runs)}), got {len(self.names)}"
             )
         names = self.run_names()
         if len(set(names)) != len(names):
-            raise ValueError(f"names: runs need distinct names, got {names}; pass names")
+            raise ConfigError(f"names: runs need distinct names, got {names}; pass names")
         if self.baseline is not None:
             self.baseline_index()
         for key in ("grid_prompts", "grid_seeds"):
             if getattr(self, key) < 0:
-                raise ValueError(f"{key}: expected an integer >= 0, got {getattr(self, key)!r}")
+                raise ConfigError(f"{key}: expected an integer >= 0, got {getattr(self, key)!r}")
         if self.grid_cell < 8:
-            raise ValueError(f"grid_cell: expected at least 8 pixels, got {self.grid_cell!r}")
+            raise ConfigError(f"grid_cell: expected at least 8 pixels, got {self.grid_cell!r}")
 
     def run_names(self) -> list[str]:
         return list(self.names) if self.names else [Path(r).resolve().name for r in self.runs]
@@ -103,7 +104,7 @@ class ReportConfig:
         folders = [Path(r).resolve() for r in self.runs]
         if Path(self.baseline).resolve() in folders:
             return folders.index(Path(self.baseline).resolve())
-        raise ValueError(f"baseline: {self.baseline!r} is none of the runs ({', '.join(names)})")
+        raise ConfigError(f"baseline: {self.baseline!r} is none of the runs ({', '.join(names)})")
 
 
 @dataclass
@@ -128,7 +129,7 @@ class Comparison:
 
     def row(self, run: Run) -> dict[str, Any]:
         """The numbers of one run: ``{metric}_mean``, ``_std``, ``_win`` (None for the baseline)."""
-        from snpo.report import seed_mean_std, win_rate
+        from snpo.evaluate.aggregate import seed_mean_std, win_rate
 
         base = self.runs[self.baseline]
         out: dict[str, Any] = {}
@@ -146,19 +147,19 @@ def compare(config: ReportConfig) -> Comparison:
     per_run = [scored_images(folder) for folder in config.runs]
     for name, records in zip(names, per_run):
         if not any(r["scores"] for r in records):
-            raise ValueError(f"runs: {name} has no scores; run `snpo score` on it first")
+            raise ConfigError(f"runs: {name} has no scores; run `snpo score` on it first")
     available = [{m for r in records for m in r["scores"]} for records in per_run]
     if config.metrics:
         metrics = list(config.metrics)
         for name, have in zip(names, available):
             missing = [m for m in metrics if m not in have]
             if missing:
-                raise ValueError(f"metrics: run {name} has no {', '.join(missing)} scores")
+                raise ConfigError(f"metrics: run {name} has no {', '.join(missing)} scores")
     else:
         common = set.intersection(*available)
         metrics = [m for m in METRIC_ORDER if m in common] + sorted(common - set(METRIC_ORDER))
         if not metrics:
-            raise ValueError("metrics: the runs share no scorer; score them with the same scorers")
+            raise ConfigError("metrics: the runs share no scorer; score them with the same scorers")
 
     # cell -> record, keeping only images scored under every metric
     cells = [
@@ -175,7 +176,7 @@ def compare(config: ReportConfig) -> Comparison:
     )
     prompts = sorted(prompt_keys)
     if not seeds or not prompts:
-        raise ValueError(
+        raise ConfigError(
             "runs: no (prompt, seed) image is scored in every run; were they sampled "
             "from the same prompt set and seeds?"
         )
@@ -212,7 +213,7 @@ def write_grid(
 ) -> list[tuple[int, str]]:
     """``samples.png``: one row per run, columns the first prompts x the first seeds; returns
     the (prompt index, prompt) of its columns."""
-    from snpo.report import image_grid
+    from snpo.evaluate.aggregate import image_grid
 
     columns = [
         (si, pi)
@@ -242,7 +243,13 @@ def _describe(run: Run) -> str:
 
 def run_report(config: ReportConfig) -> Path:
     """Write ``report.md``, ``results.csv``, ``per_seed.csv`` and ``samples.png``."""
-    from snpo.report import fmt, fmt_seed_mean_std, markdown_table, seed_means, write_csv
+    from snpo.evaluate.aggregate import (
+        fmt,
+        fmt_seed_mean_std,
+        markdown_table,
+        seed_means,
+        write_csv,
+    )
 
     config.validate()
     comparison = compare(config)

@@ -53,11 +53,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from snpo.dtypes import DTYPE_SPELLINGS, DTYPES, LEGACY_DTYPE_NAMES, torch_dtype
+from snpo.errors import ConfigError
 from snpo.evaluate import manifest as mf
 from snpo.evaluate.prompts import PROMPT_FORMATS, PromptSet, load_prompts
-from snpo.sampling import Guide, SamplingConfig
+from snpo.sampling import Guide, SamplerSettings
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_SEED = 2**63 - 1
 
 
@@ -76,7 +77,10 @@ class SampleConfig:
     chats: str | None = None
     chats_guidance_scale: float | None = None  # None: guidance_scale - 1
     chats_proxy_alpha: float = 0.5
-    vae: str | None = None  # another VAE folder or hub id (e.g. an fp16-safe SDXL VAE)
+    method: str | None = None  # whose guide samples; None: chats -> chats, npo_negative -> npo-negative, else plain CFG
+    # another VAE folder or hub id (e.g. an fp16-safe SDXL VAE), as `snpo train` names it
+    pretrained_vae_model_name_or_path: str | None = None
+    vae: str | None = field(default=None, metadata={"alias_of": "pretrained_vae_model_name_or_path"})
     revision: str | None = None
     prompts: str = ""
     prompts_format: str = "auto"
@@ -90,55 +94,79 @@ class SampleConfig:
     batch_size: int = 8
     output_dir: str = "snpo-samples"
     device: str = "auto"  # auto: cuda when available, else cpu
-    dtype: str = "float32"
+    dtype: str = "fp32"  # fp32 | fp16 | bf16 (float32 / float16 / bfloat16 accepted)
     show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.notes: list[str] = []
+        if self.vae is not None:
+            self.notes.append("vae: read as pretrained_vae_model_name_or_path (the name snpo train uses)")
+            if self.pretrained_vae_model_name_or_path not in (None, self.vae):
+                raise ConfigError("vae: an alias of pretrained_vae_model_name_or_path; give one of them")
+            self.pretrained_vae_model_name_or_path, self.vae = self.vae, None
+        if isinstance(self.dtype, str):
+            self.dtype = DTYPE_SPELLINGS.get(self.dtype, self.dtype)
+
+    def method_spec(self) -> Any:
+        """The method whose guide samples (given, or told by the weights that are given)."""
+        from snpo.methods import get_method
+
+        return get_method(self.method or ("chats" if self.chats else "npo-negative" if self.npo_negative
+                                          else "snpo"))
 
     def validate(self) -> None:
         """Every check that needs no model: one-line errors naming the key."""
         if not self.model_name_or_path:
-            raise ValueError(
+            raise ConfigError(
                 "model_name_or_path: required (a pipeline folder, hub id or toy folder)"
             )
         if not self.prompts:
-            raise ValueError(
+            raise ConfigError(
                 "prompts: required (a .txt, HPDv2 .json, PartiPrompts .tsv or Pick-a-Pic parquet)"
             )
         if self.prompts_format not in PROMPT_FORMATS:
             choices = ", ".join(PROMPT_FORMATS)
-            raise ValueError(
+            raise ConfigError(
                 f"prompts_format: expected one of {choices}, got {self.prompts_format!r}"
             )
         if self.max_prompts is not None and self.max_prompts < 1:
-            raise ValueError(f"max_prompts: expected an integer >= 1, got {self.max_prompts!r}")
+            raise ConfigError(f"max_prompts: expected an integer >= 1, got {self.max_prompts!r}")
         if not self.seeds:
-            raise ValueError("seeds: expected at least one seed")
+            raise ConfigError("seeds: expected at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds: each seed once, got {list(self.seeds)}")
+            raise ConfigError(f"seeds: each seed once, got {list(self.seeds)}")
         if any(not 0 <= s <= MAX_SEED for s in self.seeds):
-            raise ValueError(f"seeds: expected integers in [0, 2**63), got {list(self.seeds)}")
-        SamplingConfig(
+            raise ConfigError(f"seeds: expected integers in [0, 2**63), got {list(self.seeds)}")
+        SamplerSettings(
             self.num_inference_steps, self.guidance_scale, self.scheduler, self.batch_size
         ).validate()
         if self.resolution is not None and self.resolution < 8:
-            raise ValueError(
+            raise ConfigError(
                 f"resolution: expected an image side >= 8 pixels, got {self.resolution!r}"
             )
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        roles = self.method_spec().sampling_roles
+        needs = {"npo": ("npo_negative", self.npo_negative), "win": ("chats", self.chats),
+                 "lose": ("chats", self.chats)}
+        for role in roles:
+            if role in needs and not needs[role][1]:
+                raise ConfigError(f"{needs[role][0]}: method {self.method} samples with a {role} "
+                                  f"network; give {needs[role][0]}")
         resolve_device(self.device)
         for name in ("npo_merge_a", "npo_merge_b", "chats_proxy_alpha"):
             if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name}: expected a finite number, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name}: expected a finite number, got {getattr(self, name)!r}")
         if self.lora_scale is not None and not math.isfinite(self.lora_scale):
-            raise ValueError(f"lora_scale: expected a finite number, got {self.lora_scale!r}")
+            raise ConfigError(f"lora_scale: expected a finite number, got {self.lora_scale!r}")
         if self.chats_guidance_scale is not None and self.chats_guidance_scale < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"chats_guidance_scale: expected a number >= 0, got {self.chats_guidance_scale!r}"
             )
         if self.lora and self.unet:
-            raise ValueError("unet: give lora or unet, not both (one positive network)")
+            raise ConfigError("unet: give lora or unet, not both (one positive network)")
         if self.chats and (self.lora or self.unet or self.npo_negative):
-            raise ValueError(
+            raise ConfigError(
                 "chats: a CHATS pair is its own model; drop lora, unet and npo_negative"
             )
         self._check_weights("lora", self.lora, "lora")
@@ -147,7 +175,7 @@ class SampleConfig:
         if self.chats:
             for part in ("win", "lose"):
                 if not (Path(self.chats) / part).exists():
-                    raise ValueError(
+                    raise ConfigError(
                         f"chats: {self.chats} has no {part}/ (expected a CHATS output folder)"
                     )
                 self._check_weights("chats", str(Path(self.chats) / part), None)
@@ -161,11 +189,11 @@ class SampleConfig:
         try:
             kind, _ = resolve_weights(path)
         except ValueError as err:
-            raise ValueError(f"{name}: {err}") from None
+            raise ConfigError(f"{name}: {err}") from None
         if expected == "lora" and kind != "lora":
-            raise ValueError(f"lora: {path} holds full weights; pass it as unet")
+            raise ConfigError(f"lora: {path} holds full weights; pass it as unet")
         if expected == "full" and kind != "full":
-            raise ValueError(f"unet: {path} holds a LoRA; pass it as lora")
+            raise ConfigError(f"unet: {path} holds a LoRA; pass it as lora")
 
     @property
     def resolved_chats_guidance_scale(self) -> float:
@@ -177,8 +205,8 @@ class SampleConfig:
         """What the networks are made of (local paths made absolute): part of every image's
         identity, recorded in the manifest."""
         spec: dict[str, Any] = {"model_name_or_path": _path_or_id(self.model_name_or_path)}
-        if self.vae:
-            spec["vae"] = _path_or_id(self.vae)
+        if self.pretrained_vae_model_name_or_path:  # recorded under its old name: manifests stay comparable
+            spec["vae"] = _path_or_id(self.pretrained_vae_model_name_or_path)
         if self.revision:
             spec["revision"] = self.revision
         if self.lora:
@@ -199,7 +227,7 @@ class SampleConfig:
 
     @property
     def guide_kind(self) -> str:
-        return "chats" if self.chats else "npo" if self.npo_negative else "cfg"
+        return self.method_spec().guide_name
 
     def sampling_settings(self) -> dict[str, Any]:
         """Settings that change the images (batch size and seeds do not: see the docstring)."""
@@ -209,7 +237,7 @@ class SampleConfig:
             "guidance_scale": guidance,
             "scheduler": self.scheduler,
             "resolution": self.resolution,
-            "dtype": self.dtype,
+            "dtype": LEGACY_DTYPE_NAMES[self.dtype],  # as manifests have always recorded it
         }
 
 
@@ -224,7 +252,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError:
-        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+        raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
 
 
 # ---- the networks and the guide ----------------------------------------------------------------
@@ -243,12 +271,12 @@ def fused_state_dict(
     extra, missing = sorted(set(source) - set(reference)), sorted(set(reference) - set(source))
     if extra or missing:
         which = f"extra key {extra[0]!r}" if extra else f"missing key {missing[0]!r}"
-        raise ValueError(f"unet: {path} does not fit this model's denoiser ({which})")
+        raise ConfigError(f"unet: {path} does not fit this model's denoiser ({which})")
     out = {}
     for key, value in reference.items():
         loaded = source[key]
         if loaded.shape != value.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"unet: {path} {key!r} has shape {tuple(loaded.shape)}, "
                 f"the model {tuple(value.shape)}"
             )
@@ -277,7 +305,7 @@ class Sampler:
         """Images in [0, 1], (N, 3, H, W), one per (prompt, seed): one batch."""
         from snpo.sampling import sample_images
 
-        sampling = SamplingConfig(
+        sampling = SamplerSettings(
             config.num_inference_steps,
             config.guidance_scale,
             config.scheduler,
@@ -307,77 +335,72 @@ def latent_geometry(backbone: Any, resolution: int | None) -> tuple[tuple[int, i
         default = int(sample_size) * factor
     side = resolution or default
     if side % factor:
-        raise ValueError(f"resolution: must be a multiple of {factor} for this model, got {side}")
+        raise ConfigError(f"resolution: must be a multiple of {factor} for this model, got {side}")
     channels = int(backbone.denoiser.config.in_channels)
     return (channels, side // factor, side // factor), side
 
 
-def load_sampler(config: SampleConfig) -> Sampler:
-    """Load the model and build the guide ``config`` asks for, on its device and dtype."""
-    from snpo.backbones import load_backbone
+def _load_networks(base: nn.Module, roles: Sequence[str], config: SampleConfig) -> dict[str, nn.Module]:
+    """The networks a method's guide evaluates, by role: ``policy`` (the base with ``lora`` /
+    ``unet`` applied), ``npo`` (Diff-NPO's network, merged as Diff-NPO does unless
+    ``npo_merge`` is false), ``win`` / ``lose`` (a CHATS pair). Each is built from the base
+    weights before the base itself is overwritten, so no more copies are held than needed."""
     from snpo.merging import load_weights, merge_weights
-    from snpo.methods.chats import chats_guide
-    from snpo.methods.npo import npo_guide
-    from snpo.sampling import single_network_guide
 
-    backbone = load_backbone(
-        config.model_name_or_path, vae_path=config.vae, revision=config.revision
-    )
-    device, dtype = resolve_device(config.device), DTYPES[config.dtype]
-    base = backbone.denoiser.eval().requires_grad_(False)
     networks: dict[str, nn.Module] = {}
-    # Each network is built from the base weights before the base itself is overwritten, so
-    # no more copies of the denoiser are held than the guide needs.
-    if config.chats:
+    if "lose" in roles:
         networks["lose"] = _apply(copy.deepcopy(base), Path(config.chats) / "lose")
+    weights = config.lora or config.unet
+    positive_state = fused_state_dict(base, weights, lora_scale=config.lora_scale) if weights else None
+    if "npo" in roles:
+        npo = copy.deepcopy(base)
+        if config.npo_merge:
+            reference = {k: v.detach() for k, v in base.state_dict().items()}
+            npo.load_state_dict(merge_weights(reference, positive_state or reference,
+                                              load_weights(config.npo_negative),
+                                              config.npo_merge_a, config.npo_merge_b))
+        else:
+            _apply(npo, config.npo_negative)
+        networks["npo"] = npo
+    if "win" in roles:
         networks["win"] = _apply(base, Path(config.chats) / "win")
-    else:
-        weights = config.lora or config.unet
-        positive_state = (
-            fused_state_dict(base, weights, lora_scale=config.lora_scale) if weights else None
-        )
-        if config.npo_negative:
-            negative = copy.deepcopy(base)
-            if config.npo_merge:
-                reference = {k: v.detach() for k, v in base.state_dict().items()}
-                negative.load_state_dict(
-                    merge_weights(
-                        reference,
-                        positive_state or reference,
-                        load_weights(config.npo_negative),
-                        config.npo_merge_a,
-                        config.npo_merge_b,
-                    )
-                )
-            else:
-                _apply(negative, config.npo_negative)
-            networks["negative"] = negative
-        if positive_state is not None:
-            base.load_state_dict(positive_state)
-        networks["positive"] = base
-        del positive_state
+    elif positive_state is not None:
+        base.load_state_dict(positive_state)
+    if "policy" in roles:
+        networks["policy"] = base
+    return networks
+
+
+@dataclass(frozen=True)
+class GuideSettings:
+    """What a method's guide reads of ``snpo sample``'s settings."""
+
+    guidance_scale: float
+    chats_guidance_scale: float
+    chats_proxy_alpha: float
+
+
+def load_sampler(config: SampleConfig) -> Sampler:
+    """Load the model and build the guide of ``config``'s method, on its device and dtype."""
+    from snpo.backbones import load_backbone
+
+    spec = config.method_spec()
+    backbone = load_backbone(
+        config.model_name_or_path, vae_path=config.pretrained_vae_model_name_or_path,
+        revision=config.revision,
+    )
+    device, dtype = resolve_device(config.device), torch_dtype(config.dtype)
+    base = backbone.denoiser.eval().requires_grad_(False)
+    networks = _load_networks(base, spec.sampling_roles, config)
     for net in networks.values():
         # no dtype argument for float32: diffusers warns on any to(dtype) of a loaded model
         net.to(device) if dtype == torch.float32 else net.to(device=device, dtype=dtype)
         net.eval().requires_grad_(False)
-    backbone.denoiser = networks["win" if config.chats else "positive"]  # gives device and dtype
-    frozen_dtype = None if dtype == torch.float32 else dtype
-    backbone.to(device, frozen_dtype)
-
-    if config.chats:
-        guide = chats_guide(
-            backbone,
-            networks["win"],
-            networks["lose"],
-            config.resolved_chats_guidance_scale,
-            config.chats_proxy_alpha,
-        )
-    elif config.npo_negative:
-        guide = npo_guide(
-            backbone, networks["positive"], networks["negative"], config.guidance_scale
-        )
-    else:
-        guide = single_network_guide(backbone, networks["positive"], config.guidance_scale)
+    backbone.denoiser = networks[spec.sampling_roles[0]]  # gives device and dtype
+    backbone.to(device, None if dtype == torch.float32 else dtype)
+    settings = GuideSettings(config.guidance_scale, config.resolved_chats_guidance_scale,
+                             config.chats_proxy_alpha)
+    guide = spec.make_guide(backbone, networks, settings)
     latent_shape, side = latent_geometry(backbone, config.resolution)
 
     def condition_extras(n: int) -> dict[str, Tensor]:
@@ -438,7 +461,7 @@ def _check_settings(out: Path, identity: dict[str, Any]) -> None:
         old, new = stored.get(part, {}), identity[part]
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
-                raise ValueError(
+                raise ConfigError(
                     f"output_dir: {out} holds images made with {key}={old.get(key)!r}, this run "
                     f"has {new.get(key)!r}; use another output_dir (images of different settings "
                     "never mix)"
@@ -453,7 +476,7 @@ def _done_cells(out: Path, prompt_set: PromptSet) -> dict[tuple[int, int], dict[
     for record in valid:
         index = int(record["prompt_index"])
         if index < len(prompt_set) and record["prompt"] != prompt_set.prompts[index]:
-            raise ValueError(
+            raise ConfigError(
                 f"prompts: {out} holds images of prompt {index} {record['prompt']!r:.60}, this "
                 f"prompt set has {prompt_set.prompts[index]!r:.60} there; use another output_dir"
             )

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from snpo.dtypes import DTYPE_SPELLINGS, DTYPES, torch_dtype
+from snpo.errors import ConfigError
 from snpo.evaluate import manifest as mf
 
 #: the paper's four metrics (Table 1 order), the default of ``--scorers``
@@ -67,34 +69,38 @@ class ScoreConfig:
     image_reward: str | None = None
     image_reward_tokenizer: str | None = None
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "fp32"  # fp32 | fp16 | bf16 (float32 / float16 / bfloat16 accepted)
     batch_size: int = 16
     show_progress: bool = True
 
+    def __post_init__(self) -> None:
+        if isinstance(self.dtype, str):
+            self.dtype = DTYPE_SPELLINGS.get(self.dtype, self.dtype)
+
     def validate(self) -> None:
-        from snpo.evaluate.sample import DTYPES, resolve_device
+        from snpo.evaluate.sample import resolve_device
         from snpo.scoring import scorer_names
 
         if not self.samples:
-            raise ValueError("samples: required (one or more `snpo sample` output folders)")
+            raise ConfigError("samples: required (one or more `snpo sample` output folders)")
         for folder in self.samples:
             if not (Path(folder) / mf.MANIFEST).is_file():
-                raise ValueError(
+                raise ConfigError(
                     f"samples: {folder} has no {mf.MANIFEST} (not a `snpo sample` folder)"
                 )
         if not self.scorers:
-            raise ValueError(f"scorers: expected one or more of {', '.join(scorer_names())}")
+            raise ConfigError(f"scorers: expected one or more of {', '.join(scorer_names())}")
         for name in self.scorers:
             if name not in SCORER_PATHS:
-                raise ValueError(
+                raise ConfigError(
                     f"scorers: unknown scorer {name!r}; choose from {', '.join(scorer_names())}"
                 )
         if len(set(self.scorers)) != len(self.scorers):
-            raise ValueError(f"scorers: each scorer once, got {list(self.scorers)}")
+            raise ConfigError(f"scorers: each scorer once, got {list(self.scorers)}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size: expected an integer >= 1, got {self.batch_size!r}")
+            raise ConfigError(f"batch_size: expected an integer >= 1, got {self.batch_size!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
         resolve_device(self.device)
 
     def scorer_kwargs(self, name: str) -> tuple[Any, dict[str, Any]]:
@@ -115,10 +121,10 @@ Scorer = Callable[..., Any]
 
 def build_scorers(config: ScoreConfig) -> dict[str, Scorer]:
     """Every scorer ``config`` names, on its device and dtype (missing weights: one line)."""
-    from snpo.evaluate.sample import DTYPES, resolve_device
+    from snpo.evaluate.sample import resolve_device
     from snpo.scoring import make_scorer
 
-    device, dtype = resolve_device(config.device), DTYPES[config.dtype]
+    device, dtype = resolve_device(config.device), torch_dtype(config.dtype)
     scorers = {}
     for name in config.scorers:
         path, kwargs = config.scorer_kwargs(name)
@@ -152,7 +158,7 @@ def scored_images(folder: str | Path) -> list[dict[str, Any]]:
 
 def write_scores_csv(folder: str | Path, scorer_order: list[str] | None = None) -> Path:
     """``scores.csv``: one row per image (seed, then prompt order), one column per scorer."""
-    from snpo.report import write_csv
+    from snpo.evaluate.aggregate import write_csv
 
     folder = Path(folder)
     records = scored_images(folder)

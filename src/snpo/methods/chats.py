@@ -8,17 +8,17 @@ all methods see the same noise); ``win`` sees the chosen image with the prompt, 
 rejected image with the prompt replaced by ZEROS with probability ``lose_prompt_dropout``
 (0.5), and the reference sees each image with the same condition as its network::
 
-    z = -(beta/2) * ((e_win[w] - e_ref[w]) + (e_lose[l] - e_ref[l]))   (snpo.objectives_chats)
+    z = -(beta/2) * ((e_win[w] - e_ref[w]) + (e_lose[l] - e_ref[l]))   (snpo.objectives.chats)
 
 Choices where METHOD.md is silent, each following CHATS' code:
 - "zeros" means literal zeros (``torch.zeros_like``) for every condition entry but the SDXL
   micro-conditioning ``time_ids`` (image size and crop, not prompt information); CHATS
-  zeroes ``prompt_embeds`` and the pooled ``text_embeds``. ``lose_null="null"`` uses the
-  backbone's null condition instead (identical for SDXL's ``force_zeros_for_empty_prompt``).
+  zeroes ``prompt_embeds`` and the pooled ``text_embeds``.
 - The reference's error on the rejected image uses the lose network's (possibly zeroed)
   condition, so ``e_lose - e_ref`` compares like with like.
-- One difference: CHATS flips ONE coin per batch; here each pair draws its own (from its
-  seed), which has the same marginal rate and keeps the trainer's batch-split invariance.
+- One difference: CHATS flips ONE coin per batch; here each pair draws its own (the coin of
+  ``snpo.methods.draws``, from the pair's seed), which has the same marginal rate and keeps
+  the trainer's batch-split invariance.
 
 Both networks live in one :class:`DualDenoiser` so accelerate prepares ONE module and a DDP
 step is one forward and one backward through the wrapper (calling submodules directly would
@@ -51,13 +51,14 @@ from snpo.backbones.base import (
     per_sample_mse,
     select_condition,
 )
-from snpo.methods.single import draw_pair_noise
-from snpo.objectives_chats import chats_loss
+from snpo.errors import ConfigError
+from snpo.methods.draws import draw_pairs
+from snpo.methods.registry import BuiltMethod, MethodSpec, UsageContext
+from snpo.objectives import chats_loss, validate_objective_args
 from snpo.sampling import Guide
 
 #: Condition entries that are image micro-conditioning, not prompt: never zeroed or mixed.
 UNMIXED_KEYS = frozenset({"time_ids"})
-LOSE_NULLS = ("zeros", "null")
 
 
 class DualDenoiser(nn.ModuleDict):
@@ -123,8 +124,6 @@ def chats_pair_errors(
     noise: Tensor,
     timesteps: Tensor,
     prompt_zeroed: Tensor,
-    *,
-    lose_null: str = "zeros",
 ) -> ChatsErrors:
     """Win on chosen, lose on rejected (blank prompt where ``prompt_zeroed``), reference on both.
 
@@ -134,13 +133,7 @@ def chats_pair_errors(
     n = chosen.shape[0]
     cond_chosen = {k: v[:n] for k, v in cond.items()}
     cond_rejected = {k: v[n:] for k, v in cond.items()}
-    if lose_null == "zeros":
-        blank = zero_condition(cond_rejected)
-    elif lose_null == "null":
-        blank = backbone.null_condition(cond_rejected)
-    else:
-        raise ValueError(f"lose_null: expected one of {', '.join(LOSE_NULLS)}, got {lose_null!r}")
-    cond_lose = select_condition(prompt_zeroed, blank, cond_rejected)
+    cond_lose = select_condition(prompt_zeroed, zero_condition(cond_rejected), cond_rejected)
 
     noisy_chosen = backbone.add_noise(chosen, noise, timesteps)
     noisy_rejected = backbone.add_noise(rejected, noise, timesteps)
@@ -177,39 +170,23 @@ class ChatsMethod:
         backbone: Backbone,
         beta: float = 2000.0,
         lose_prompt_dropout: float = 0.5,
-        *,
-        lose_null: str = "zeros",
     ) -> None:
         if not 0 <= lose_prompt_dropout <= 1:
-            raise ValueError(
-                f"lose_prompt_dropout: expected a probability in [0, 1], got {lose_prompt_dropout!r}"
-            )
-        if lose_null not in LOSE_NULLS:
-            raise ValueError(
-                f"lose_null: expected one of {', '.join(LOSE_NULLS)}, got {lose_null!r}"
+            raise ConfigError(
+                f"chats_lose_prompt_dropout: expected a probability in [0, 1], got {lose_prompt_dropout!r}"
             )
         self.backbone = backbone
         self.beta = beta
         self.lose_prompt_dropout = lose_prompt_dropout
-        self.lose_null = lose_null
 
     def compute_loss(
         self, model: nn.Module, batch: dict[str, Any], pair_seeds: list[int]
     ) -> tuple[Tensor, dict[str, Tensor]]:
         chosen, rejected, cond = self.backbone.encode_batch(batch)
-        noise, timesteps, zeroed = draw_pair_noise(
-            self.backbone, chosen, self.lose_prompt_dropout, pair_seeds
-        )
+        # the pair's coin decides whether the lose network's prompt is blanked
+        draws = draw_pairs(self.backbone, chosen, self.lose_prompt_dropout, pair_seeds)
         errors = chats_pair_errors(
-            self.backbone,
-            model,
-            chosen,
-            rejected,
-            cond,
-            noise,
-            timesteps,
-            zeroed,
-            lose_null=self.lose_null,
+            self.backbone, model, chosen, rejected, cond, draws.noise, draws.timesteps, draws.coin
         )
         return chats_loss(
             errors.err_win_chosen,
@@ -219,7 +196,6 @@ class ChatsMethod:
             beta=self.beta,
             prompt_zeroed=errors.prompt_zeroed,
         )
-
 
     def save_trained(self, output_dir: str | Path, dual: nn.Module) -> list[str]:
         """Called by the trainer at the end: both networks, the backbone's way."""
@@ -247,11 +223,45 @@ def chats_guide(
 
 
 def save_chats(backbone: Backbone, dual: nn.Module, output_dir: str) -> dict[str, list[str]]:
-    """Save both networks the backbone's way, under ``output_dir/win`` and ``output_dir/lose``.
-
-    (The trainer's own final save expects one denoiser: run CHATS with ``save_model=False``
-    and call this on ``accelerator.unwrap_model(model)``, or on the dual module itself.)
-    """
+    """Save both networks the backbone's way, under ``output_dir/win`` and ``output_dir/lose``
+    (what :meth:`ChatsMethod.save_trained` does at the end of training); ``dual`` is the
+    :class:`DualDenoiser` (unwrapped)."""
     return {
         name: backbone.save_trained(f"{output_dir}/{name}", dual[name]) for name in ("win", "lose")
     }
+
+
+# ---- the registry's record -----------------------------------------------------------------
+def _build(config: Any, backbone: Backbone) -> BuiltMethod:
+    from accelerate.utils import set_seed
+
+    set_seed(config.seed)  # LoRA factors drawn here, not in the trainer: same seed, same start
+    dual, params = prepare_chats(backbone, lora_rank=config.lora_rank,
+                                 gradient_checkpointing=config.gradient_checkpointing)
+    method = ChatsMethod(backbone, config.beta, config.chats_lose_prompt_dropout)
+    return BuiltMethod(method, model=dual, trainable_parameters=params)
+
+
+def _validate(config: Any) -> None:
+    validate_objective_args("dpo", config.beta, 1.0, None)
+    if not 0 <= config.chats_lose_prompt_dropout <= 1:
+        raise ConfigError(f"chats_lose_prompt_dropout: expected a probability in [0, 1], "
+                          f"got {config.chats_lose_prompt_dropout!r}")
+
+
+def _guide(backbone: Backbone, networks: dict[str, nn.Module], settings: Any) -> Guide:
+    return chats_guide(backbone, networks["win"], networks["lose"],
+                       settings.chats_guidance_scale, settings.chats_proxy_alpha)
+
+
+def _usage(ctx: UsageContext) -> str:
+    return (f"# both networks, CHATS' proxy-prompt guidance (snpo.methods.chats.chats_guide)\n"
+            f"snpo sample --model_name_or_path {ctx.base} --chats {ctx.output_dir} --prompts PROMPTS.txt")
+
+
+CHATS = MethodSpec(
+    name="chats", title="CHATS (win and lose networks)", build=_build, validate=_validate,
+    trained_networks=("win", "lose"), sampling_roles=("win", "lose"), make_guide=_guide,
+    guide_name="chats", usage=_usage, usage_language="bash",
+    summary="CHATS: win and lose networks trained together; proxy-prompt guidance",
+)

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from snpo.backbones.base import Backbone, per_sample_mse, select_condition
+from snpo.errors import ConfigError
+from snpo.methods.draws import draw_pairs
 
 
 class DenoisingMethod:
@@ -23,7 +25,7 @@ class DenoisingMethod:
 
     def __init__(self, backbone: Backbone, cfg_dropout: float = 0.1, *, train_text_encoder: bool = False) -> None:
         if not 0 <= cfg_dropout < 1:
-            raise ValueError(f"cfg_dropout: expected a probability in [0, 1), got {cfg_dropout!r}")
+            raise ConfigError(f"cfg_dropout: expected a probability in [0, 1), got {cfg_dropout!r}")
         self.backbone = backbone
         self.cfg_dropout = cfg_dropout
         self.train_text_encoder = train_text_encoder
@@ -37,18 +39,10 @@ class DenoisingMethod:
             latents = backbone.encode_images(batch["pixels"].to(device)).float()
         with torch.set_grad_enabled(self.train_text_encoder):
             cond = backbone.encode_prompts(batch["prompt"])
-        noise, timesteps, negative = [], [], []
-        for seed in pair_seeds:
-            generator = torch.Generator().manual_seed(seed)
-            noise.append(torch.randn(latents.shape[1:], generator=generator))
-            timesteps.append(backbone.sample_timesteps(1, generator))
-            negative.append(torch.rand(1, generator=generator) < self.cfg_dropout)
-        noise = torch.stack(noise).to(device)
-        timesteps = torch.cat(timesteps).to(device)
-        negative = torch.cat(negative).to(device)
-        cond = select_condition(negative, backbone.null_condition(cond), cond)
-        noisy = backbone.add_noise(latents, noise, timesteps)
-        target = backbone.training_target(latents, noise, timesteps)
-        err = per_sample_mse(backbone.predict(model, noisy, timesteps, cond), target)
+        draws = draw_pairs(backbone, latents, self.cfg_dropout, pair_seeds)  # coin = prompt dropped
+        cond = select_condition(draws.coin, backbone.null_condition(cond), cond)
+        noisy = backbone.add_noise(latents, draws.noise, draws.timesteps)
+        target = backbone.training_target(latents, draws.noise, draws.timesteps)
+        err = per_sample_mse(backbone.predict(model, noisy, draws.timesteps, cond), target)
         loss = err.mean()
         return loss, {"loss": loss.detach()}

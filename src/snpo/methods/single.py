@@ -2,13 +2,17 @@
 
 For each pair: ONE timestep and ONE noise shared by both images (as Diffusion-DPO does),
 a branch label ``negative ~ Bernoulli(p)`` (p = the CFG dropout probability), the prompt
-replaced by the backbone's null condition on the null branch, and per-sample errors of the
-policy and, under no_grad, of the reference. ``snpo.objectives`` turns the errors into the
-loss; the winner/loser swap of the SNPO objectives happens there.
+replaced by the backbone's null condition on the null branch (for BOTH images of the pair),
+and per-sample errors of the policy and, under no_grad, of the reference under the same
+condition. ``snpo.objectives`` turns the errors into the loss; the winner/loser swap of the
+SNPO objectives happens there. (All draws: ``snpo.methods.draws``.)
 
 Chosen and rejected images go through the denoiser as one batch of 2B, the reference the
 same, so a step costs one policy forward/backward and one reference forward, whatever the
 objective.
+
+:func:`single_network_method` describes the method of one registered objective for the
+method registry (``method: dpo``, ``method: snpo``, ...).
 """
 
 from __future__ import annotations
@@ -19,13 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from snpo.backbones.base import (
-    Backbone,
-    Condition,
-    per_sample_mse,
-    select_condition,
-)
-from snpo.objectives import ObjectiveConfig, preference_loss
+from snpo.backbones.base import Backbone, Condition, per_sample_mse, select_condition
+from snpo.errors import ConfigError
+from snpo.methods.draws import draw_pairs
+from snpo.methods.registry import BuiltMethod, MethodSpec
+from snpo.objectives import OBJECTIVES, ObjectiveConfig, preference_loss, validate_objective_args
 
 
 @dataclass
@@ -37,31 +39,6 @@ class PairErrors:
     ref_err_chosen: Tensor
     ref_err_rejected: Tensor
     negative: Tensor
-
-
-def draw_pair_noise(
-    backbone: Backbone, latents: Tensor, cfg_dropout: float, pair_seeds: list[int]
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Noise, timestep and branch label of each pair, each pair from its own seed.
-
-    Drawn on the CPU from per-pair generators, so the draws do not depend on the batch
-    size, the accumulation, the number of processes or the device, and replay exactly
-    after a resume.
-    """
-    if len(pair_seeds) != latents.shape[0]:
-        raise ValueError(f"pair_seeds: expected {latents.shape[0]} seeds, got {len(pair_seeds)}")
-    noises, timesteps, negative = [], [], []
-    for seed in pair_seeds:
-        generator = torch.Generator().manual_seed(seed)
-        noises.append(torch.randn(latents.shape[1:], generator=generator))
-        timesteps.append(backbone.sample_timesteps(1, generator))
-        negative.append(torch.rand(1, generator=generator) < cfg_dropout)
-    device = latents.device
-    return (
-        torch.stack(noises).to(device, latents.dtype),
-        torch.cat(timesteps).to(device),
-        torch.cat(negative).to(device),
-    )
 
 
 def pair_errors(
@@ -81,7 +58,7 @@ def pair_errors(
 
     ``cond`` has 2B rows (chosen images first), as ``Backbone.encode_batch`` returns it.
     ``reference_errors`` (chosen, rejected), stored by an earlier run with the same noise
-    (``snpo.methods.reference_errors``), replace the reference forward.
+    (``snpo.training.reference_errors``), replace the reference forward.
     """
     negative2 = torch.cat([negative, negative])
     cond2 = select_condition(negative2, backbone.null_condition(cond), cond)
@@ -104,19 +81,19 @@ def pair_errors(
 
 
 class SingleNetworkMethod:
-    """Diff-DPO, Diff-BDPO, naive SNPO, Diff-SNPO and SFT on one network."""
-
-    name = "single"
+    """Diff-DPO, Diff-BDPO, naive SNPO, Diff-SNPO, SFT (any registered objective) on one network."""
 
     def __init__(
         self, backbone: Backbone, objective: ObjectiveConfig, cfg_dropout: float,
         *, reference_store: Any = None,
     ) -> None:
         if not 0 <= cfg_dropout < 1:
-            raise ValueError(f"cfg_dropout: expected a probability in [0, 1), got {cfg_dropout!r}")
+            raise ConfigError(f"cfg_dropout: expected a probability in [0, 1), got {cfg_dropout!r}")
         self.backbone = backbone
         self.objective = objective
         self.cfg_dropout = cfg_dropout
+        self.name = objective.objective
+        self.progress_name = f"train {objective.objective}"
         #: a ``ReferenceErrorStore`` (``precompute_reference``): stored reference errors are
         #: used instead of a reference forward, and missing ones are computed and recorded
         self.reference_store = reference_store
@@ -126,11 +103,11 @@ class SingleNetworkMethod:
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss and metrics for one batch of pairs; ``model`` is the (wrapped) policy."""
         chosen, rejected, cond = self.backbone.encode_batch(batch)
-        noise, timesteps, negative = draw_pair_noise(self.backbone, chosen, self.cfg_dropout, pair_seeds)
+        draws = draw_pairs(self.backbone, chosen, self.cfg_dropout, pair_seeds)
         store = self.reference_store
         stored = store.lookup(pair_seeds, batch) if store is not None else None
-        errors = pair_errors(self.backbone, model, chosen, rejected, cond, noise, timesteps, negative,
-                             reference_errors=stored)
+        errors = pair_errors(self.backbone, model, chosen, rejected, cond, draws.noise,
+                             draws.timesteps, draws.coin, reference_errors=stored)
         if store is not None and stored is None:
             store.record(pair_seeds, batch, errors.ref_err_chosen, errors.ref_err_rejected)
         obj = self.objective
@@ -139,3 +116,27 @@ class SingleNetworkMethod:
             errors.negative, objective=obj.objective, beta=obj.beta,
             mix_lambda=obj.mix_lambda, mix_scale=obj.mix_scale,
         )
+
+
+def objective_config(config: Any, objective: str | None = None) -> ObjectiveConfig:
+    """The objective settings of a TrainConfig (``objective`` defaults to its method)."""
+    return ObjectiveConfig(objective or config.method, config.beta, config.mix_lambda, config.mix_scale)
+
+
+def single_network_method(objective: str, title: str | None = None) -> MethodSpec:
+    """The method registry's record of one network trained with the registered ``objective``."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is not registered (snpo.objectives)")
+
+    def build(config: Any, backbone: Backbone) -> BuiltMethod:
+        return BuiltMethod(SingleNetworkMethod(backbone, objective_config(config, objective),
+                                               config.cfg_dropout))
+
+    def validate(config: Any) -> None:
+        validate_objective_args(objective, config.beta, config.mix_lambda, config.mix_scale)
+
+    return MethodSpec(
+        name=objective, title=title or OBJECTIVES[objective].summary or objective, build=build,
+        validate=validate, reuses_reference_errors=True, objective=objective,
+        summary=f"one network, objective {objective}",
+    )

@@ -14,6 +14,10 @@ clip_score      ``100 * max(cos(image, text), 0)``                     ~25-35 (V
 image_reward    ImageReward's BLIP reward head                         ~ -2..2
 ==============  =====================================================  ======================
 
+Each returned function also carries ``preprocess(images) -> pixels`` (the original's image
+pipeline, for every PIL mode) and ``score_pixels(pixels, prompts)`` (differentiable outside
+inference mode), plus ``model`` (and ``tokenizer``).
+
 Nothing is downloaded: paths are local files/folders or hub ids already in the HF cache; a
 missing file raises :class:`ScorerWeightsMissing` with a one-line hint.  Factories are imported
 lazily so that ``import snpo.scoring`` stays cheap.
@@ -24,6 +28,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from typing import Any
+
+from snpo.errors import ConfigError
 
 from .base import ScorerWeightsMissing
 
@@ -68,5 +74,7 @@ def make_scorer(name: str, path: Any = None, **kwargs: Any) -> Callable[..., Any
     try:
         factory = SCORERS[name]
     except KeyError:
-        raise ValueError(f"unknown scorer {name!r}; choose from {scorer_names()}") from None
+        raise ConfigError(
+            f"scorers: unknown scorer {name!r}; choose from {', '.join(scorer_names())}"
+        ) from None
     return factory(**kwargs) if path is None else factory(path, **kwargs)

@@ -10,7 +10,11 @@ An MLP on the L2-normalised CLIP ViT-L/14 image embedding; the prompt is ignored
 Weights: the MLP file ``sac+logos+ava1-l14-linearMSE.pth`` (state-dict keys ``layers.{0,2,4,6,7}``;
 loaded with ``weights_only=True``) or a ``.safetensors`` copy of it, plus the CLIP model
 ``openai/clip-vit-large-patch14`` in transformers format.  The reference embeds with openai-CLIP's
-``preprocess`` (torchvision ``Resize(224, bicubic)`` + ``CenterCrop``), i.e. round-split crop margins.
+``preprocess`` (``clip.load``): torchvision ``Resize(224, bicubic)`` and ``CenterCrop`` (round-split
+crop margins) on the PIL image in its own mode, *then* ``convert("RGB")``, ``ToTensor``,
+``Normalize`` -- so RGBA/LA images are resized with premultiplied alpha, palette images with
+NEAREST and 16-bit images at full depth before the conversion clips them, as here
+(:func:`snpo.scoring.preprocess.clip_preprocess` with ``convert_rgb="after"``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from snpo.errors import UserError
 
 from .base import (
     ImagesLike,
@@ -68,7 +74,7 @@ def load_aesthetic_mlp(path: Path) -> AestheticMLP:
     sd = load_tensor_file(path, what="aesthetic MLP")
     sd = sd.get("state_dict", sd)
     if "layers.0.weight" not in sd:
-        raise ValueError(
+        raise UserError(
             f"aesthetic MLP {str(path)!r}: expected keys layers.{{0,2,4,6,7}}.weight/bias, "
             f"got {sorted(sd)[:6]}"
         )
@@ -105,7 +111,7 @@ def make_aesthetic(
         clip_dir, what="aesthetic CLIP weights", download=CLIP_ID, flag=CLIP_FLAG
     )
     if model.config.projection_dim != mlp.layers[0].in_features:
-        raise ValueError(
+        raise UserError(
             f"aesthetic MLP expects {mlp.layers[0].in_features}-d embeddings but the CLIP model at "
             f"{str(clip_dir)!r} gives {model.config.projection_dim}-d (it needs ViT-L/14)"
         )
@@ -116,15 +122,25 @@ def make_aesthetic(
         clip_dir, default_size=model.config.vision_config.image_size
     )
 
+    def preprocess(images: ImagesLike) -> torch.Tensor:
+        """Normalised pixels as openai-CLIP's ``preprocess`` makes them (resize, crop, then RGB)."""
+        pils = as_pil_list(images, convert_rgb=False)
+        return clip_preprocess(pils, image_cfg, crop_rounding="round", convert_rgb="after")
+
+    def score_pixels(pixels: torch.Tensor, prompts: PromptsLike = None) -> torch.Tensor:
+        """The predictor on already preprocessed pixels (differentiable outside inference mode)."""
+        del prompts  # the aesthetic predictor is prompt-free
+        emb = normalize(clip_image_embeds(model, pixels.to(device, dtype)).float())
+        return mlp(emb).squeeze(-1)
+
     @torch.inference_mode()
     def score(images: ImagesLike, prompts: PromptsLike = None) -> torch.Tensor:
-        del prompts  # the aesthetic predictor is prompt-free
-        pils = as_pil_list(images)
-        out = []
-        for sl in batches(len(pils), batch_size):
-            pixels = clip_preprocess(pils[sl], image_cfg, crop_rounding="round")
-            emb = normalize(clip_image_embeds(model, pixels.to(device, dtype)).float())
-            out.append(mlp(emb).squeeze(-1).cpu())
+        pils = as_pil_list(images, convert_rgb=False)
+        out = [score_pixels(preprocess(pils[sl])).cpu() for sl in batches(len(pils), batch_size)]
         return torch.cat(out).float() if out else torch.zeros(0)
 
+    score.model = model  # type: ignore[attr-defined]
+    score.mlp = mlp  # type: ignore[attr-defined]
+    score.preprocess = preprocess  # type: ignore[attr-defined]
+    score.score_pixels = score_pixels  # type: ignore[attr-defined]
     return score

@@ -11,7 +11,6 @@ argument/flag to point at it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -20,15 +19,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from snpo.errors import ConfigError, UserError
+from snpo.files import is_hub_id
+
 ImagesLike: TypeAlias = Sequence[Image.Image] | torch.Tensor
 PromptsLike: TypeAlias = Sequence[str] | str | None
 Scorer: TypeAlias = Callable[..., torch.Tensor]
 
-# A hub id is "owner/name" (one slash, no path tricks).  Anything else is treated as a local path.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-
-class ScorerWeightsMissing(ValueError):
+class ScorerWeightsMissing(UserError):
     """Weights (or tokenizer/processor files) of a scorer could not be found locally.
 
     The message is a single line: what was looked for, where, what to download and which
@@ -51,9 +50,23 @@ def _one_line(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def looks_like_hub_id(path: str) -> bool:
-    """True for ``owner/name`` strings that do not exist on disk."""
-    return bool(_HUB_ID.match(path)) and not Path(path).exists()
+def cached_hub_file(repo: str, filenames: Sequence[str]) -> Path | None:
+    """The first of ``filenames`` of hub repo ``repo`` already in the local HF cache, else None.
+
+    Never downloads; a malformed id counts as not cached.
+    """
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return None
+    for name in filenames:
+        try:
+            hit = try_to_load_from_cache(repo_id=repo, filename=name)
+        except Exception:  # HFValidationError for malformed ids etc.
+            hit = None
+        if isinstance(hit, str):
+            return Path(hit)
+    return None
 
 
 def resolve_dir(path_or_id: str | Path | None, *, what: str, download: str, flag: str) -> Path:
@@ -68,7 +81,7 @@ def resolve_dir(path_or_id: str | Path | None, *, what: str, download: str, flag
         return p
     if p.exists():
         raise missing(what, path_or_id, download, flag, "expected a folder, got a file")
-    if looks_like_hub_id(str(path_or_id)):
+    if is_hub_id(path_or_id):
         try:
             from huggingface_hub import snapshot_download
 
@@ -99,16 +112,10 @@ def resolve_file(
             if (p / name).is_file():
                 return p / name
         raise missing(what, path_or_id, download, flag, f"folder has none of {list(filenames)}")
-    if looks_like_hub_id(str(path_or_id)):
-        from huggingface_hub import try_to_load_from_cache
-
-        for name in filenames:
-            try:
-                hit = try_to_load_from_cache(repo_id=str(path_or_id), filename=name)
-            except Exception:  # malformed id etc.: treat as not cached
-                hit = None
-            if isinstance(hit, str):
-                return Path(hit)
+    if is_hub_id(path_or_id):
+        hit = cached_hub_file(str(path_or_id), filenames)
+        if hit is not None:
+            return hit
         raise missing(what, path_or_id, download, flag, "not in the local Hugging Face cache")
     raise missing(what, path_or_id, download, flag, "no such file or folder")
 
@@ -127,21 +134,24 @@ def load_tensor_file(path: Path, *, what: str) -> dict[str, Any]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for non-tensor objects, corrupt files, ...
-        raise ValueError(
+        raise UserError(
             f"{what}: refusing to load {str(path)!r} with weights_only=True "
             f"({_one_line(str(err), 160)}); convert it to .safetensors or a plain tensor state dict"
         ) from err
     if not isinstance(obj, dict):
-        raise ValueError(
+        raise UserError(
             f"{what}: {str(path)!r} holds a {type(obj).__name__}, expected a dict of tensors"
         )
     return obj
 
 
-def as_pil_list(images: ImagesLike) -> list[Image.Image]:
-    """Coerce the scorer input to a list of RGB PIL images.
+def as_pil_list(images: ImagesLike, *, convert_rgb: bool = True) -> list[Image.Image]:
+    """Coerce the scorer input to a list of PIL images, RGB unless ``convert_rgb=False``.
 
-    A float tensor ``(B, 3, H, W)`` in ``[0, 1]`` is quantised exactly as diffusers saves images
+    ``convert_rgb=False`` keeps PIL images in their own mode (RGBA, LA, P, L, I;16, ...) for the
+    pipelines that resize before converting (openai-CLIP's and ImageReward's); ``convert("RGB")``
+    is PIL's: alpha is dropped, not composited, and 16-bit values are clipped at 255.  A float
+    tensor ``(B, 3, H, W)`` in ``[0, 1]`` is quantised exactly as diffusers saves images
     (``round(x * 255)`` to uint8), so scoring a tensor gives the same number as scoring the PNG
     written from it -- which is what the reference implementations see.
     """
@@ -159,12 +169,12 @@ def as_pil_list(images: ImagesLike) -> list[Image.Image]:
         )
         return [Image.fromarray(np.ascontiguousarray(a), mode="RGB") for a in arr]
     if isinstance(images, Image.Image):
-        return [images.convert("RGB")]
+        images = [images]
     out = []
     for im in images:
         if not isinstance(im, Image.Image):
             raise TypeError(f"expected PIL images or a (B,3,H,W) tensor, got {type(im).__name__}")
-        out.append(im.convert("RGB"))
+        out.append(im.convert("RGB") if convert_rgb else im)
     return out
 
 
@@ -183,7 +193,7 @@ def as_prompt_list(prompts: PromptsLike, n: int) -> list[str]:
 def batches(n: int, batch_size: int) -> Iterator[slice]:
     """Slices covering ``range(n)`` in chunks of ``batch_size``."""
     if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
+        raise ConfigError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
     for start in range(0, n, batch_size):
         yield slice(start, min(start + batch_size, n))
 
@@ -207,8 +217,17 @@ def load_clip_model(folder: Path, *, what: str, download: str, flag: str) -> Any
 
 
 def load_clip_tokenizer(folder: Path, *, what: str, download: str, flag: str) -> Any:
-    """The CLIP BPE tokenizer from ``folder`` (``tokenizer.json`` or ``vocab.json`` + ``merges.txt``)."""
-    from transformers import CLIPTokenizer
+    """The CLIP BPE tokenizer from ``folder`` (``tokenizer.json`` or ``vocab.json`` + ``merges.txt``).
+
+    The fast (``tokenizers``) one, as ``AutoProcessor``/``CLIPProcessor`` load it for PickScore and
+    torchmetrics' CLIP score: in transformers 4 the slow ``CLIPTokenizer`` cleans text differently
+    (``ftfy`` when installed, else BERT's basic tokenizer); in transformers 5 both names are one
+    class.  HPSv2 uses open_clip's own tokenizer instead, see :mod:`.open_clip_tokenizer`.
+    """
+    try:
+        from transformers import CLIPTokenizerFast as CLIPTokenizer
+    except ImportError:  # pragma: no cover - builds of transformers without tokenizers
+        from transformers import CLIPTokenizer
 
     has_files = (folder / "tokenizer.json").is_file() or (
         (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()

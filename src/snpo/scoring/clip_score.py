@@ -57,21 +57,34 @@ def make_clip_score(
     )
     context = int(model.config.text_config.max_position_embeddings)
 
+    def preprocess(images: ImagesLike) -> torch.Tensor:
+        """Normalised pixels as transformers' ``CLIPProcessor`` makes them (RGB first, floor-split
+        crop margins; RGB is PIL's ``convert("RGB")``, as in transformers 4)."""
+        return clip_preprocess(as_pil_list(images), image_cfg, crop_rounding="floor")
+
+    def score_pixels(pixels: torch.Tensor, prompts: PromptsLike) -> torch.Tensor:
+        """``100 * max(cos, 0)`` of already preprocessed pixels."""
+        enc = tokenize(tok, as_prompt_list(prompts, pixels.shape[0]), context)
+        img = normalize(clip_image_embeds(model, pixels.to(device, dtype)).float())
+        txt = normalize(
+            clip_text_embeds(
+                model, enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            ).float()
+        )
+        return (100.0 * (img * txt).sum(-1)).clamp(min=0.0)
+
     @torch.inference_mode()
     def score(images: ImagesLike, prompts: PromptsLike) -> torch.Tensor:
-        pils = as_pil_list(images)
+        pils = as_pil_list(images, convert_rgb=False)  # preprocess converts
         texts = as_prompt_list(prompts, len(pils))
-        out = []
-        for sl in batches(len(pils), batch_size):
-            pixels = clip_preprocess(pils[sl], image_cfg, crop_rounding="floor")
-            enc = tokenize(tok, texts[sl], context)
-            img = normalize(clip_image_embeds(model, pixels.to(device, dtype)).float())
-            txt = normalize(
-                clip_text_embeds(
-                    model, enc["input_ids"].to(device), enc["attention_mask"].to(device)
-                ).float()
-            )
-            out.append((100.0 * (img * txt).sum(-1)).clamp(min=0.0).cpu())
+        out = [
+            score_pixels(preprocess(pils[sl]), texts[sl]).cpu()
+            for sl in batches(len(pils), batch_size)
+        ]
         return torch.cat(out).float() if out else torch.zeros(0)
 
+    score.model = model  # type: ignore[attr-defined]
+    score.tokenizer = tok  # type: ignore[attr-defined]
+    score.preprocess = preprocess  # type: ignore[attr-defined]
+    score.score_pixels = score_pixels  # type: ignore[attr-defined]
     return score

@@ -1,18 +1,29 @@
 """Image preprocessing of the reference scorers, re-implemented with PIL/numpy/torch.
 
 torchvision cannot be imported here, and transformers v5 prefers a torchvision backend for
-``CLIPImageProcessor`` (it falls back to a PIL backend with a warning).  Both CLIP pipelines the
+``CLIPImageProcessor`` (it falls back to a PIL backend with a warning).  The pipelines the
 metrics were published with are short, so we implement them directly and read the numbers
 (size, crop, mean, std, resample) from the model folder's ``preprocessor_config.json``:
 
-* :func:`clip_preprocess` -- transformers' ``CLIPImageProcessor`` (PickScore, CLIP score) and
-  openai-CLIP's ``preprocess`` (aesthetic predictor): resize the *shorter* side to ``size`` with
-  PIL bicubic on the uint8 image, centre-crop, ``/255``, ``(x - mean) / std``.  The two differ only
-  in how an odd crop margin is split (transformers floors, torchvision rounds), see ``crop_rounding``.
+* :func:`clip_preprocess` -- resize the *shorter* side to ``size`` with PIL bicubic on the 8-bit
+  image, centre-crop, ``/255``, ``(x - mean) / std``, in one of two orders:
+
+  - ``convert_rgb="before"``: transformers' ``CLIPImageProcessor`` (PickScore, CLIP score)
+    converts to RGB first (``convert_to_rgb``, PIL's ``convert("RGB")`` in transformers 4, which
+    the published numbers used) and splits an odd crop margin with floor;
+  - ``convert_rgb="after"``: openai-CLIP's ``preprocess`` (aesthetic predictor) and ImageReward's
+    ``_transform`` -- torchvision ``Resize(size, BICUBIC)`` and ``CenterCrop`` on the PIL image
+    *in its own mode*, then ``convert("RGB")``, ``ToTensor``, ``Normalize``; the crop margin is
+    rounded (``crop_rounding="round"``).  The order matters outside RGB: PIL resamples RGBA and
+    LA with premultiplied alpha, palette (P) and 1-bit images with NEAREST whatever is asked,
+    and 16-bit images (I;16, I) at full depth before ``convert("RGB")`` clips them at 255.
+
+* :func:`clip_preprocess_tensor` -- the same resize + crop + normalise on a float tensor,
+  differentiably, matching PIL's two-pass arithmetic (see its docstring for the bound).
 * :func:`hps_preprocess` -- HPSv2's ``preprocess_val`` (``light_augmentation=True`` in
-  ``hpsv2.score``): ``ToTensor`` first, then ``ResizeMaxSize``: resize the *longer* side to
-  ``image_size`` with bicubic interpolation on the float tensor, zero-pad (black, before
-  normalisation) to a square, then normalise.
+  ``hpsv2.score``): ``convert("RGB")`` first, ``ToTensor``, then ``ResizeMaxSize``: resize the
+  *longer* side to ``image_size`` with bicubic interpolation on the float tensor, zero-pad
+  (black, before normalisation) to a square, then normalise.
 """
 
 from __future__ import annotations
@@ -126,11 +137,30 @@ def _crop_or_pad(
         ph, pw = max(ch - h, 0), max(cw - w, 0)
         arr = np.pad(arr, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
         h, w = arr.shape[:2]
-    if rounding == "floor":  # transformers: top = (h - ch) // 2
-        top, left = (h - ch) // 2, (w - cw) // 2
-    else:  # torchvision CenterCrop: int(round((h - ch) / 2))
-        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+    top, left = _crop_box(h, w, crop_hw, rounding)
     return arr[top : top + ch, left : left + cw]
+
+
+def _crop_box(
+    h: int, w: int, crop_hw: tuple[int, int], rounding: Literal["floor", "round"]
+) -> tuple[int, int]:
+    """Centre-crop ``(top, left)``; negative where the image is smaller than the crop, which
+    PIL's ``crop`` fills with zeros as torchvision's pad-then-crop does."""
+    ch, cw = crop_hw
+
+    def start(n: int, c: int) -> int:
+        if n < c:
+            return -((c - n) // 2)
+        # transformers: (n - c) // 2; torchvision CenterCrop: int(round((n - c) / 2))
+        return (n - c) // 2 if rounding == "floor" else int(round((n - c) / 2.0))
+
+    return start(h, ch), start(w, cw)
+
+
+def _resized_wh(im: Image.Image, cfg: ClipImageConfig) -> tuple[int, int]:
+    if cfg.resize_to is not None:
+        return cfg.resize_to[1], cfg.resize_to[0]
+    return shortest_edge_size(im.width, im.height, cfg.size)
 
 
 def clip_preprocess(
@@ -138,31 +168,106 @@ def clip_preprocess(
     cfg: ClipImageConfig,
     *,
     crop_rounding: Literal["floor", "round"] = "floor",
+    convert_rgb: Literal["before", "after"] = "before",
 ) -> torch.Tensor:
-    """CLIP preprocessing of RGB PIL images -> float32 ``(B, 3, crop_h, crop_w)``.
+    """CLIP preprocessing of PIL images (any mode) -> float32 ``(B, 3, crop_h, crop_w)``.
 
-    pixel = ((uint8 after PIL resize + centre crop) * rescale_factor - mean) / std
+    pixel = ((uint8 RGB after PIL resize + centre crop) * rescale_factor - mean) / std, with the
+    conversion to RGB before the resize (transformers) or after the crop (openai-CLIP,
+    ImageReward); see the module docstring.
     """
     mean = np.asarray(cfg.mean, dtype=np.float32)
     std = np.asarray(cfg.std, dtype=np.float32)
     out = []
     for im in images:
-        im = im.convert("RGB")
+        if convert_rgb == "before":
+            im = im.convert("RGB")
         if cfg.do_resize:
-            if cfg.resize_to is not None:
-                new_wh = (cfg.resize_to[1], cfg.resize_to[0])
-            else:
-                new_wh = shortest_edge_size(im.width, im.height, cfg.size)
-            # Resize the uint8 PIL image, as both reference pipelines do (rounding to uint8 included).
-            im = im.resize(new_wh, resample=cfg.resample)
-        arr = np.asarray(im)
-        if cfg.do_center_crop:
-            arr = _crop_or_pad(arr, cfg.crop_size, crop_rounding)
+            # Resize the 8-bit PIL image, as every reference pipeline does (rounding included).
+            im = im.resize(_resized_wh(im, cfg), resample=cfg.resample)
+        if convert_rgb == "after":
+            if cfg.do_center_crop:
+                top, left = _crop_box(im.height, im.width, cfg.crop_size, crop_rounding)
+                ch, cw = cfg.crop_size
+                im = im.crop((left, top, left + cw, top + ch))
+            arr = np.asarray(im.convert("RGB"))
+        else:
+            arr = np.asarray(im)
+            if cfg.do_center_crop:
+                arr = _crop_or_pad(arr, cfg.crop_size, crop_rounding)
         x = arr.astype(np.float32) * np.float32(cfg.rescale_factor)
         if cfg.do_normalize:
             x = (x - mean) / std
         out.append(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))))
     return torch.stack(out)
+
+
+def resize_like_pil(x: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    """PIL's bicubic ``resize`` of 8-bit images, on float ``(B, C, H, W)`` in ``[0, 1]``, differentiably.
+
+    PIL resamples in two passes -- horizontal, then vertical, each skipped when that side keeps
+    its length -- with the antialiased a = -0.5 cubic (what ``F.interpolate(..., antialias=True)``
+    computes per axis) and stores the intermediate as 8-bit, i.e. *clamped to [0, 255]* and
+    rounded. The clamp matters at saturated edges (the overshoot of the cubic is cut before the
+    second pass sees it), so it is reproduced here; the rounding is not (it has no gradient).
+    """
+    h, w = x.shape[-2:]
+    nh, nw = size_hw
+    if nw != w:
+        x = F.interpolate(x, size=(h, nw), mode="bicubic", align_corners=False, antialias=True)
+        x = x.clamp(0.0, 1.0)
+    if nh != h:
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+        x = x.clamp(0.0, 1.0)
+    return x
+
+
+def clip_preprocess_tensor(
+    images: torch.Tensor,
+    cfg: ClipImageConfig,
+    *,
+    crop_rounding: Literal["floor", "round"] = "floor",
+) -> torch.Tensor:
+    """:func:`clip_preprocess` of float images ``(B, 3 or 1, H, W)`` in ``[0, 1]``, differentiably.
+
+    Resize as PIL does (:func:`resize_like_pil`), centre-crop, normalise. Against the PIL path
+    on the same images saved as 8-bit (``round(x * 255)``) it differs only by PIL's roundings:
+    of the input, of the intermediate pass and of the output (each at most 0.5 / 255; the
+    clamps do not enlarge differences). The weights of one pass sum in absolute value to at most
+    1.27 (the largest over all sizes up to 260), so the difference is below
+    ``((0.5 * 1.27 + 0.5) * 1.27 + 0.5) / 255 < 2 / 255`` per pixel before normalisation, and
+    0.5 / 255 when no resize is needed; measured up to 1.6 / 255 on binary noise and stripes
+    (without the clamp between the passes: up to 70 / 255). Values outside ``[0, 1]`` are
+    clamped first, as the 8-bit conversion does.
+    """
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    if cfg.resample != Image.Resampling.BICUBIC:
+        raise ValueError(
+            f"only bicubic resizing is differentiable here, got resample={cfg.resample}"
+        )
+    x = images.float().clamp(0.0, 1.0)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    h, w = x.shape[-2:]
+    if cfg.do_resize:
+        if cfg.resize_to is not None:
+            nh, nw = cfg.resize_to
+        else:
+            nw, nh = shortest_edge_size(w, h, cfg.size)
+        x = resize_like_pil(x, (nh, nw))
+    if cfg.do_center_crop:
+        ch, cw = cfg.crop_size
+        if x.shape[-2] < ch or x.shape[-1] < cw:
+            ph, pw = max(ch - x.shape[-2], 0), max(cw - x.shape[-1], 0)
+            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        top, left = _crop_box(x.shape[-2], x.shape[-1], cfg.crop_size, crop_rounding)
+        x = x[..., top : top + ch, left : left + cw]
+    if cfg.do_normalize:
+        mean = torch.tensor(cfg.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(cfg.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        x = (x - mean) / std
+    return x
 
 
 def hps_preprocess(
@@ -173,7 +278,14 @@ def hps_preprocess(
     std: Sequence[float] = CLIP_STD,
     antialias: bool = True,
 ) -> torch.Tensor:
-    """HPSv2 ``preprocess_val``: ToTensor -> ResizeMaxSize(image_size, fill=0) -> Normalize.
+    """HPSv2 ``preprocess_val``: RGB -> ToTensor -> ResizeMaxSize(image_size, fill=0) -> Normalize.
+
+    Images of any mode are converted with PIL's ``convert("RGB")`` first, as HPSv2's
+    ``_convert_to_rgb_or_rgba`` does for every mode but RGBA. An RGBA image it keeps as RGBA,
+    carries through ToTensor, resize, pad and ``MaskAwareNormalize`` as a fourth channel, and
+    then fails in the 3-channel ViT; here it is scored by its RGB channels, which are exactly
+    the first three channels of the original's tensor (PIL's RGBA -> RGB drops alpha without
+    compositing, and every later step works per channel).
 
     The longer side is scaled to ``image_size`` (new dims ``round(dim * scale)``, Python rounding
     as in the reference) with bicubic interpolation on the float tensor (no clamping, as

@@ -6,7 +6,7 @@
    beta, p), through the same trainer a Stable Diffusion run uses.
 4. Sample held-out prompts (DDIM 50 steps, CFG 7.5, several seeds), score with both judges,
    measure blur and the null branch's implicit accuracy on reversed held-out pairs.
-5. Write the report folder (``snpo.toy.report``).
+5. Write the report folder (``snpo.toy.demo_report``).
 """
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from snpo.backbones.toy import ToyBackbone
-from snpo.efficiency import Footprint, chats_footprint, npo_footprint, single_network_footprint
-from snpo.evaluation import implicit_accuracy
+from snpo.efficiency import Footprint, method_footprint, npo_footprint
+from snpo.errors import ConfigError
+from snpo.evaluate.implicit_accuracy import implicit_accuracy
 from snpo.merging import merge_denoisers
-from snpo.methods.chats import ChatsMethod, chats_guide, prepare_chats
-from snpo.methods.npo import npo_guide, npo_negative_method
-from snpo.methods.single import SingleNetworkMethod
+from snpo.methods import get_method
 from snpo.objectives import ObjectiveConfig
-from snpo.sampling import SamplingConfig, sample_images, single_network_guide
+from snpo.sampling import SamplerSettings, sample_images
 from snpo.toy import scenes as S
 from snpo.toy.data import stack_batch
 from snpo.toy.judges import (
@@ -44,7 +44,8 @@ from snpo.toy.world import (
     split_prompts,
 )
 from snpo.training.config import TrainConfig
-from snpo.training.trainer import Trainer
+from snpo.training.data import TrainingData
+from snpo.training.job import build_job
 
 
 @dataclass
@@ -52,7 +53,7 @@ class RunSpec:
     """One alignment run of the comparison."""
 
     name: str
-    objective: str
+    method: str  # a single-network method (snpo.methods)
     mix_lambda: float = 0.9
     mix_scale: float | None = None
     group: str = "main"  # main | mix_scale | lambda | cfg_dropout
@@ -105,12 +106,14 @@ class DemoConfig:
             ObjectiveConfig("snpo", self.beta, lam, None)
         for name, p in [("cfg_dropout", self.cfg_dropout)] + [("cfg_dropout_ablation", q) for q in self.cfg_dropout_ablation]:
             if not 0 <= p < 1:
-                raise ValueError(f"{name}: expected a probability in [0, 1), got {p!r}")
+                raise ConfigError(f"{name}: expected a probability in [0, 1), got {p!r}")
         for name in ("train_steps", "batch_size", "eval_seeds", "sampling_steps", "pretrain_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name}: expected an integer >= 1, got {getattr(self, name)!r}")
         for method in self.methods:
-            ObjectiveConfig(method, self.beta, self.mix_lambda, None)
+            if get_method(method).objective is None:
+                raise ConfigError(f"methods: expected single-network methods (the dual-model "
+                                  f"baselines run with dual_baselines), got {method!r}")
 
     def world(self) -> ToyWorldConfig:
         return ToyWorldConfig(
@@ -129,9 +132,9 @@ class DemoConfig:
                 runs.append(RunSpec(f"snpo (lambda={lam:g})", "snpo", lam, None, "lambda"))
         for p in self.cfg_dropout_ablation:
             if p != self.cfg_dropout:
-                for objective in ("snpo", "dpo"):
-                    if objective in self.methods:
-                        runs.append(RunSpec(f"{objective} (p={p:g})", objective, self.mix_lambda, None,
+                for method in ("snpo", "dpo"):
+                    if method in self.methods:
+                        runs.append(RunSpec(f"{method} (p={p:g})", method, self.mix_lambda, None,
                                             "cfg_dropout", cfg_dropout=p))
         return runs
 
@@ -170,11 +173,11 @@ class Evaluator:
         self.all_seeds = [s * 10_007 + i for s in seeds for i in range(len(prompts))]
         renders = S.render([S.Scene.from_caption(p) for p in prompts], backbone.config.resolution)
         self.render_hf = float(high_frequency_energy(renders).mean())
-        self.sampling = SamplingConfig(config.sampling_steps, config.guidance_scale, "ddim", batch_size=128)
+        self.sampling = SamplerSettings(config.sampling_steps, config.guidance_scale, "ddim", batch_size=128)
 
     def images(self, model: torch.nn.Module, guide=None) -> tuple[torch.Tensor, float]:
         c = self.backbone.config
-        guide = guide or single_network_guide(self.backbone, model, self.config.guidance_scale)
+        guide = guide or guide_for("snpo", self.backbone, {"policy": model}, self.config)
         start = time.perf_counter()
         images = sample_images(self.backbone, guide, self.all_prompts, self.all_seeds,
                                (c.latent_channels, c.latent_size, c.latent_size), self.sampling)
@@ -200,12 +203,12 @@ class Evaluator:
                                  reverse=True, draws=self.config.implicit_draws, seed=self.config.seed + 99)
 
 
-def alignment_config(config: DemoConfig, reference_dir: Path, out_dir: Path, *, objective: str = "dpo",
+def alignment_config(config: DemoConfig, reference_dir: Path, out_dir: Path, *, method: str = "dpo",
                      mix_lambda: float = 0.9, mix_scale: float | None = None,
                      cfg_dropout: float | None = None) -> TrainConfig:
     """The one training budget every method of the comparison gets."""
     return TrainConfig(
-        model_name_or_path=str(reference_dir), output_dir=str(out_dir), objective=objective,
+        model_name_or_path=str(reference_dir), output_dir=str(out_dir), method=method,
         beta=config.beta, mix_lambda=mix_lambda, mix_scale=mix_scale,
         cfg_dropout=config.cfg_dropout if cfg_dropout is None else cfg_dropout,
         max_steps=config.train_steps, per_device_train_batch_size=config.batch_size,
@@ -223,49 +226,46 @@ class TrainedRun:
     seconds: float
     skipped_nonfinite: int
 
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """The trained networks by role (``policy``, or CHATS' ``win`` and ``lose``)."""
+        if isinstance(self.model, torch.nn.ModuleDict):
+            return dict(self.model.items())
+        return {"policy": self.model}
 
-def _train(backbone: ToyBackbone, train_config: TrainConfig, method, pairs, config: DemoConfig,
-           **trainer_kwargs) -> TrainedRun:
-    model = trainer_kwargs.get("model", backbone.denoiser)
+
+def train_method(train_config: TrainConfig, reference_dir: Path, pairs, config: DemoConfig) -> TrainedRun:
+    """Align a fresh copy of the reference with ``train_config.method``, through the job
+    ``snpo train`` builds (same method registry, speed options and trainer)."""
+    backbone = ToyBackbone.from_pretrained(reference_dir)
+    job = build_job(train_config, backbone=backbone, data=TrainingData(pairs.dataset(), stack_batch),
+                    show_progress=config.show_progress, save_model=False, write_logs=True)
+    model = job.built.model if job.built.model is not None else backbone.denoiser
     start = time.perf_counter()
-    result = Trainer(train_config, backbone, pairs.dataset(), method, collate_fn=stack_batch,
-                     show_progress=config.show_progress, save_model=False, write_logs=True,
-                     **trainer_kwargs).train()
+    result = job.trainer.train()
     seconds = time.perf_counter() - start
     model.eval()
     return TrainedRun(backbone, model, result.history, seconds, result.skipped_nonfinite)
 
 
 def train_single(spec: RunSpec, reference_dir: Path, pairs, config: DemoConfig, out_dir: Path) -> TrainedRun:
-    """Align a fresh copy of the reference with one single-network objective."""
-    backbone = ToyBackbone.from_pretrained(reference_dir)
-    train_config = alignment_config(config, reference_dir, out_dir, objective=spec.objective,
+    """Align a fresh copy of the reference with one single-network method."""
+    train_config = alignment_config(config, reference_dir, out_dir, method=spec.method,
                                     mix_lambda=spec.mix_lambda, mix_scale=spec.mix_scale,
                                     cfg_dropout=spec.cfg_dropout)
-    method = SingleNetworkMethod(backbone, train_config.objective_config, train_config.cfg_dropout)
-    return _train(backbone, train_config, method, pairs, config)
+    return train_method(train_config, reference_dir, pairs, config)
 
 
-def train_npo_negative(reference_dir: Path, pairs, config: DemoConfig, out_dir: Path) -> TrainedRun:
-    """Diff-NPO's negative model: dpo on reversed labels, conditional branch, same budget."""
-    backbone = ToyBackbone.from_pretrained(reference_dir)
-    train_config = alignment_config(config, reference_dir, out_dir, objective="dpo", cfg_dropout=0.0)
-    method = npo_negative_method(backbone, config.beta, cfg_dropout=0.0)
-    return _train(backbone, train_config, method, pairs, config)
-
-
-def train_chats(reference_dir: Path, pairs, config: DemoConfig, out_dir: Path) -> TrainedRun:
-    """CHATS: win and lose networks trained jointly against the frozen reference."""
-    backbone = ToyBackbone.from_pretrained(reference_dir)
-    train_config = alignment_config(config, reference_dir, out_dir, objective="dpo", cfg_dropout=0.0)
-    dual, params = prepare_chats(backbone)
-    method = ChatsMethod(backbone, config.beta)
-    return _train(backbone, train_config, method, pairs, config, model=dual, trainable_parameters=params)
+def guide_for(method: str, backbone: ToyBackbone, networks: dict, config: DemoConfig):
+    """The method's own sampling guide (``snpo sample`` uses the same), at the demo's scale."""
+    chats_scale = config.chats_guidance_scale if config.chats_guidance_scale is not None else config.guidance_scale - 1
+    settings = SimpleNamespace(guidance_scale=config.guidance_scale, chats_guidance_scale=chats_scale,
+                               chats_proxy_alpha=0.5)
+    return get_method(method).make_guide(backbone, networks, settings)
 
 
 def run_demo(config: DemoConfig) -> Path:
     """Run the whole comparison and write the report folder; returns its path."""
-    from snpo.toy.report import write_report
+    from snpo.toy.demo_report import write_report
 
     config.validate()
     torch.manual_seed(config.seed)
@@ -299,7 +299,7 @@ def run_demo(config: DemoConfig) -> Path:
     def record(name: str, run: TrainedRun, ev: ModelEval, info: dict) -> None:
         evals[name] = ev
         if run is not None:
-            if info.get("objective") != "diff-npo":  # NPO's own run logs by reversed labels
+            if info.get("method") != "diff-npo":  # NPO's own run logs by reversed labels
                 histories[name] = run.history
             timings["training"] = timings.get("training", 0.0) + run.seconds
         run_info[name] = {"train_seconds": run.seconds if run else None,
@@ -312,7 +312,8 @@ def run_demo(config: DemoConfig) -> Path:
         evaluator.backbone = run.backbone
         record(spec.name, run, evaluator.evaluate(run.model), asdict(spec))
         evaluator.backbone = backbone
-        footprints[spec.name] = single_network_footprint(run.model, run.backbone._reference, spec.name)
+        footprints[spec.name] = method_footprint(spec.method, [run.model], run.backbone._reference,
+                                                 label=spec.name)
         if spec.name == "dpo" and config.dual_baselines:
             trained["dpo"] = run  # Diff-NPO's positive model
         timings["evaluation"] += time.perf_counter() - t0 - run.seconds
@@ -320,28 +321,32 @@ def run_demo(config: DemoConfig) -> Path:
     if config.dual_baselines and "dpo" in trained:
         t0 = time.perf_counter()
         positive = trained["dpo"]
-        negative = train_npo_negative(reference_dir, train_pairs, config, out / "runs" / "diff-npo-negative")
-        merged = merge_denoisers(reference, positive.model, negative.model, config.npo_merge_a, config.npo_merge_b)
-        npo_seconds = positive.seconds + negative.seconds
-        for name, neg_model in [("diff-npo (before merging)", negative.model), ("diff-npo (merged)", merged)]:
-            guide = npo_guide(backbone, positive.model, neg_model, config.guidance_scale)
-            ev = evaluator.evaluate(positive.model, null_model=neg_model, guide=guide)
-            run = TrainedRun(backbone, neg_model, negative.history, npo_seconds, negative.skipped_nonfinite)
-            record(name, run, ev, {"group": "dual", "objective": "diff-npo", "mix_lambda": None,
+        npo_config = alignment_config(config, reference_dir, out / "runs" / "diff-npo-negative",
+                                      method="npo-negative", cfg_dropout=0.0)  # as the public script
+        npo_run = train_method(npo_config, reference_dir, train_pairs, config)
+        merged = merge_denoisers(reference, positive.model, npo_run.model, config.npo_merge_a, config.npo_merge_b)
+        npo_seconds = positive.seconds + npo_run.seconds
+        for name, npo_model in [("diff-npo (before merging)", npo_run.model), ("diff-npo (merged)", merged)]:
+            guide = guide_for("npo-negative", backbone, {"policy": positive.model, "npo": npo_model}, config)
+            ev = evaluator.evaluate(positive.model, null_model=npo_model, guide=guide)
+            run = TrainedRun(backbone, npo_model, npo_run.history, npo_seconds, npo_run.skipped_nonfinite)
+            record(name, run, ev, {"group": "dual", "method": "diff-npo", "mix_lambda": None,
                                    "merge_a": 0.0 if "before" in name else config.npo_merge_a,
                                    "merge_b": 1.0 if "before" in name else config.npo_merge_b})
         timings["training"] -= positive.seconds  # counted once, with the dpo row
         footprints["diff-npo"] = npo_footprint(
-            footprints["dpo"], single_network_footprint(negative.model, negative.backbone._reference, "npo-negative"),
+            footprints["dpo"], method_footprint("npo-negative", [npo_run.model], npo_run.backbone._reference),
             positive.model, merged)
-        chats = train_chats(reference_dir, train_pairs, config, out / "runs" / "chats")
-        scale = config.chats_guidance_scale if config.chats_guidance_scale is not None else config.guidance_scale - 1
-        guide = chats_guide(backbone, chats.model["win"], chats.model["lose"], scale)
+        chats_config = alignment_config(config, reference_dir, out / "runs" / "chats", method="chats",
+                                        cfg_dropout=0.0)
+        chats = train_method(chats_config, reference_dir, train_pairs, config)
+        guide = guide_for("chats", backbone, chats.networks(), config)
         ev = evaluator.evaluate(chats.model["win"], guide=guide, with_null_accuracy=False)
-        record("chats", chats, ev, {"group": "dual", "objective": "chats", "mix_lambda": None,
+        scale = config.chats_guidance_scale if config.chats_guidance_scale is not None else config.guidance_scale - 1
+        record("chats", chats, ev, {"group": "dual", "method": "chats", "mix_lambda": None,
                                     "guidance_scale": scale})
-        footprints["chats"] = chats_footprint(chats.model["win"], chats.model["lose"], reference)
-        timings["evaluation"] += time.perf_counter() - t0 - negative.seconds - chats.seconds
+        footprints["chats"] = method_footprint("chats", [chats.model["win"], chats.model["lose"]], reference)
+        timings["evaluation"] += time.perf_counter() - t0 - npo_run.seconds - chats.seconds
         del trained
 
     t0 = time.perf_counter()

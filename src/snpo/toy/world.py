@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from snpo.backbones.toy import ToyBackbone, ToyModelConfig
+from snpo.files import atomic_save_safetensors
 from snpo.methods.denoising import DenoisingMethod
-from snpo.sampling import SamplingConfig, sample_images, single_network_guide
+from snpo.sampling import SamplerSettings, sample_images, single_network_guide
 from snpo.toy import scenes as S
 from snpo.toy.data import TensorImageDataset, TensorPairDataset, stack_batch
 from snpo.toy.judges import bradley_terry_labels, make_heldout_judge, make_label_judge
@@ -94,16 +95,14 @@ class PairSet:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(
+        atomic_save_safetensors(
             {
-                "chosen": self.chosen.contiguous(), "rejected": self.rejected.contiguous(),
-                "label_scores": torch.from_numpy(self.label_scores).contiguous(),
-                "heldout_scores": torch.from_numpy(self.heldout_scores).contiguous(),
+                "chosen": self.chosen, "rejected": self.rejected,
+                "label_scores": torch.from_numpy(self.label_scores),
+                "heldout_scores": torch.from_numpy(self.heldout_scores),
             },
-            str(tmp), metadata={"prompts": json.dumps(self.prompts)},
+            path, metadata={"prompts": json.dumps(self.prompts)},
         )
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> PairSet:
@@ -203,7 +202,7 @@ def sample_with_scales(
     shape = (backbone.config.latent_channels, backbone.config.latent_size, backbone.config.latent_size)
     for scale in np.unique(scales):
         idx = np.flatnonzero(scales == scale)
-        cfg = SamplingConfig(num_inference_steps=steps, guidance_scale=float(scale), batch_size=256)
+        cfg = SamplerSettings(num_inference_steps=steps, guidance_scale=float(scale), batch_size=256)
         out[idx] = sample_images(
             backbone, single_network_guide(backbone, model, float(scale)),
             [prompts[i] for i in idx], [seeds[i] for i in idx], shape, cfg,

@@ -47,7 +47,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from snpo.configuration import ConfigError
+from snpo.errors import ConfigError
+from snpo.files import atomic_write_text, fsync_path
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -58,11 +59,6 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 SCHEDULER_FILE = "scheduler.safetensors"
 SCALER_FILE = "scaler.safetensors"
 STATE_KEY = "snpo_state"  # the safetensors metadata entry holding an object's JSON part
-# what a resume must agree on with the run that wrote the checkpoint (see check_fingerprint)
-CONFIG_FINGERPRINT_KEYS = (
-    "model_name_or_path", "method", "objective", "lora_rank", "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-)
 
 
 class CheckpointError(ConfigError):
@@ -79,30 +75,6 @@ def extra_file(rank: int) -> str:
 
 
 # ---- file-system helpers ---------------------------------------------------------------
-def _fsync_path(path: Path) -> None:
-    """Flush a file (or a folder's entries) to disk: a rename is only as durable as what it
-    points at, and a power cut must not commit a checkpoint whose bytes never reached disk."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on folders; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _discard(path: Path) -> None:
     """Remove a checkpoint folder so that no reader ever sees it half deleted: rename it out
     of the ``checkpoint-N`` namespace first (atomic), then delete."""
@@ -165,16 +137,16 @@ def finish_checkpoint(root: Path, tmp: Path, step: int, state: dict[str, Any], t
     """Write the trainer state, move the checkpoint into place, point ``latest`` at it
     (the commit), then prune to ``total_limit`` (never the new one)."""
     for child in tmp.iterdir():
-        _fsync_path(child)
+        fsync_path(child)
     atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2))
-    _fsync_path(tmp)
+    fsync_path(tmp)
     final = root / f"checkpoint-{step}"
     if final.exists():  # the same step again, after resuming from an older checkpoint
         _discard(final)
     os.replace(tmp, final)
-    _fsync_path(root)
+    fsync_path(root)
     atomic_write_text(root / "latest", final.name)
-    _fsync_path(root)
+    fsync_path(root)
     if total_limit is not None:
         others = [path for _, path in list_checkpoints(root) if path != final]
         for old in others[: max(0, len(others) + 1 - total_limit)]:
@@ -197,17 +169,15 @@ def check_fingerprint(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> None
 
     Keys missing on either side are not compared (a checkpoint of an older snpo, or a check
     made before the model is loaded)."""
+    from snpo.training.fingerprints import upgrade_resume_fingerprint
+
+    saved = upgrade_resume_fingerprint(dict(saved))
     for key, value in mine.items():
         if key in saved and saved[key] != value:
             raise CheckpointError(
                 f"resume_from_checkpoint: the checkpoint was written with {key}={saved[key]!r}, "
                 f"this run has {key}={value!r}; resume with the same setting or start a new output_dir"
             )
-
-
-def config_fingerprint(config: Any) -> dict[str, Any]:
-    """The part of a trainer fingerprint that the config alone decides."""
-    return {key: getattr(config, key) for key in CONFIG_FINGERPRINT_KEYS}
 
 
 # ---- plain-data encoding of states -----------------------------------------------------
@@ -260,7 +230,7 @@ def decode_state(data: Any, tensors: Mapping[str, Tensor]) -> Any:
         return np.asarray(data["ndarray"], dtype=np.dtype(data["dtype"]))
     if "float" in data:
         return float(data["float"])
-    raise ValueError(f"checkpoint: unknown encoded value {sorted(data)}")
+    raise ConfigError(f"checkpoint: unknown encoded value {sorted(data)}")
 
 
 def save_object(path: Path, obj: Any) -> None:

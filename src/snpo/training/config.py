@@ -7,24 +7,27 @@ import math
 import os
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from snpo.objectives import ObjectiveConfig, validate_objective_args
+from snpo.errors import ConfigError
+from snpo.methods import METHODS, get_method
+from snpo.methods.single import objective_config
+from snpo.objectives import ObjectiveConfig
 
 LR_SCHEDULERS = (
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
 )
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "none", "all")
-#: ``single``: one network trained with ``objective`` (every single-network method);
-#: ``npo-negative``: Diff-NPO's negative model (dpo on reversed labels; merge it with
-#: ``snpo merge``); ``chats``: CHATS' win and lose networks, trained together.
-METHODS = ("single", "npo-negative", "chats")
+ADAM_IMPLEMENTATIONS = ("fused", "foreach", "forloop")
+#: what ``method: single`` (the old spelling: one network, trained with ``objective``) meant
+#: when no objective was given
+OLD_DEFAULT_OBJECTIVE = "snpo"
 
 
 @dataclass
 class TrainConfig:
-    """Configuration of one preference-alignment run (any objective, one network)."""
+    """Configuration of one preference-alignment run (any registered method)."""
 
     # model and data
     model_name_or_path: str = ""  # a diffusers pipeline folder or hub id
@@ -46,8 +49,9 @@ class TrainConfig:
     dataloader_num_workers: int = 0
 
     # method and objective
-    method: str = "single"  # single | npo-negative | chats (the dual-model baselines)
-    objective: str = "snpo"
+    method: str = "snpo"  # sft | dpo | bdpo | snpo-naive | snpo | npo-negative | chats (snpo.methods)
+    # older configs: `objective: X` (with `method: single`) means `method: X`
+    objective: str | None = field(default=None, metadata={"alias_of": "method"})
     beta: float = 2000.0
     mix_lambda: float = 0.9
     mix_scale: float | None = None
@@ -68,6 +72,7 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     max_nonfinite_steps: int = 5
+    adam_implementation: str = "fused"  # fused | foreach | forloop (fused falls back where absent)
 
     # model mode and precision
     lora_rank: int = 0
@@ -91,10 +96,41 @@ class TrainConfig:
     tracker_project_name: str = "snpo"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.notes: list[str] = []  # said once by the CLI (old spellings read as new ones)
+        self._resolve_objective_alias()
+
+    def _resolve_objective_alias(self) -> None:
+        """``method: single`` + ``objective: X`` (the old layout) means ``method: X``; so does
+        ``objective: X`` alone. The dual-model presets used to say ``objective: dpo``."""
+        objective, self.objective = self.objective, None
+        if objective is not None and objective not in METHODS:
+            raise ConfigError(f"objective: expected one of {', '.join(METHODS)}, got {objective!r}")
+        if self.method == "single":
+            self.method = objective or OLD_DEFAULT_OBJECTIVE
+            self.notes.append(f"method: 'single' is read as method: {self.method!r} "
+                              "(each objective is a method of its own now)")
+            return
+        if objective is None or objective == self.method:
+            return
+        spec = get_method(self.method) if isinstance(self.method, str) else None
+        if spec is not None and spec.objective is None:  # npo-negative, chats
+            if objective != "dpo":
+                raise ConfigError(f"objective: method {self.method} has its own loss; drop objective "
+                                  f"(got objective {objective!r})")
+            self.notes.append(f"objective: ignored with method {self.method!r} (its loss is its own)")
+            return
+        if self.method != "snpo":  # an explicit single-network method that disagrees
+            raise ConfigError(f"objective: an alias of method; got method {self.method!r} and "
+                              f"objective {objective!r}")
+        self.method = objective
+        self.notes.append(f"objective: read as method: {objective!r} (objective is an alias of method)")
+
     def validate(self) -> None:
         """One-line errors naming the field, the value and what is allowed."""
         _check_types(self)
-        validate_objective_args(self.objective, self.beta, self.mix_lambda, self.mix_scale)
+        spec = get_method(self.method)
+        spec.validate(self)
         checks = [
             ("cfg_dropout", 0 <= self.cfg_dropout < 1, "a probability in [0, 1)"),
             ("chats_lose_prompt_dropout", 0 <= self.chats_lose_prompt_dropout <= 1, "a probability in [0, 1]"),
@@ -123,51 +159,39 @@ class TrainConfig:
         ]
         for name, ok, allowed in checks:
             if not ok:
-                raise ValueError(f"{name}: expected {allowed}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name}: expected {allowed}, got {getattr(self, name)!r}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoints_total_limit: expected an integer >= 1 or null, got {self.checkpoints_total_limit!r}"
             )
         if self.max_caption_chars is not None and self.max_caption_chars < 1:
-            raise ValueError(f"max_caption_chars: expected an integer >= 1 or null, got {self.max_caption_chars!r}")
+            raise ConfigError(f"max_caption_chars: expected an integer >= 1 or null, got {self.max_caption_chars!r}")
         if self.precompute_reference and not (self.reference_errors_dir or self.cache_dir):
-            raise ValueError(
+            raise ConfigError(
                 "reference_errors_dir: precompute_reference needs a folder shared by the runs of a "
                 "sweep (default <cache_dir>/reference-errors), got nothing"
             )
         if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ValueError(f"max_train_samples: expected an integer >= 1 or null, got {self.max_train_samples!r}")
+            raise ConfigError(f"max_train_samples: expected an integer >= 1 or null, got {self.max_train_samples!r}")
         for name, value, allowed in [
-            ("method", self.method, METHODS),
+            ("adam_implementation", self.adam_implementation, ADAM_IMPLEMENTATIONS),
             ("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS),
             ("mixed_precision", self.mixed_precision, MIXED_PRECISION),
             ("report_to", self.report_to, REPORT_TO),
         ]:
             if value not in allowed:
-                raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
-
-        self._validate_method()
-
-    def _validate_method(self) -> None:
-        if self.method == "npo-negative" and self.objective != "dpo":
-            raise ValueError(
-                f"objective: method npo-negative trains dpo on reversed labels (METHOD.md), "
-                f"so objective must be dpo, got {self.objective!r}"
-            )
-        if self.method == "chats" and self.objective != "dpo":
-            raise ValueError(
-                f"objective: method chats has its own loss (its beta is `beta`); set objective "
-                f"to dpo to say so, got {self.objective!r}"
-            )
-        if self.method != "single" and self.precompute_reference:
-            raise ValueError(
+                raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+        if self.precompute_reference and not spec.reuses_reference_errors:
+            raise ConfigError(
                 f"precompute_reference: stored reference errors assume one network on the "
-                f"dataset's own labels (method single), got method {self.method!r}"
+                f"dataset's own labels (a single-network method), got method {self.method!r}"
             )
 
     @property
     def objective_config(self) -> ObjectiveConfig:
-        return ObjectiveConfig(self.objective, self.beta, self.mix_lambda, self.mix_scale)
+        """The objective settings of a single-network method (npo-negative: its dpo)."""
+        spec = get_method(self.method)
+        return objective_config(self, spec.objective or "dpo")
 
 
 def _type_problem(value: object, annotation: object) -> str | None:
@@ -202,4 +226,4 @@ def _check_types(config: TrainConfig) -> None:
         value = getattr(config, f.name)
         expected = _type_problem(value, hints[f.name])
         if expected:
-            raise ValueError(f"{f.name}: expected {expected}, got {value!r}")
+            raise ConfigError(f"{f.name}: expected {expected}, got {value!r}")

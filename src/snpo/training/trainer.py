@@ -1,12 +1,17 @@
-"""The training loop, on accelerate: one loop for every backbone and objective.
+"""The training loop, on accelerate: one loop for every backbone and method.
 
 The trainer owns the optimizer, the learning-rate schedule, gradient accumulation,
 clipping, non-finite guards, logging, checkpoints and resume. It calls
 ``method.compute_loss(model, batch, pair_seeds)`` and knows neither the model family nor the
-objective's math.
+objective's math. :class:`Callback` hooks let others watch the loop (the benchmark's phase
+timers, the count of skipped pairs) without subclassing it.
 
-Reproducibility: every pair of every step gets its own seed, derived from
-``(seed, step, global pair index)``, from which its noise, timestep and branch label are
+One optimizer step = ``gradient_accumulation_steps`` calls of :meth:`Trainer._micro_step`
+(loss and backward), then :meth:`Trainer._optimizer_step` (clip, finiteness checks, step)
+and :meth:`Trainer._end_step` (non-finite guard, logs, progress, checkpoint).
+
+Reproducibility: every pair of every step gets its own seed, ``pair_seed(seed, step, global
+pair index)`` (``snpo.methods.draws``), from which its noise, timestep and branch label are
 drawn. The global pair index counts across micro-batches and processes, so one process with
 batch 2, one process with batch 1 and accumulation 2, and two processes with batch 1 draw the
 same noise for the same pairs, and a resumed run replays exactly.
@@ -23,9 +28,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -36,27 +40,41 @@ from tqdm.auto import tqdm
 
 from snpo.backbones.base import Backbone
 from snpo.configuration import config_to_dict
+from snpo.errors import ConfigError, UserError
+from snpo.methods.draws import pair_seed
+from snpo.methods.registry import Method
 from snpo.training import checkpoint as ckpt
 from snpo.training.config import TrainConfig
+from snpo.training.fingerprints import resume_fingerprint
 
 PROGRESS_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "logratio/chosen")
+ADAM_FLAGS = {"fused": {"fused": True}, "foreach": {"foreach": True},
+              "forloop": {"foreach": False, "fused": False}}
 
 
-class Method(Protocol):
-    """What the trainer needs from a method (see ``snpo.methods``)."""
-
-    def compute_loss(
-        self, model: nn.Module, batch: dict[str, Any], pair_seeds: list[int]
-    ) -> tuple[Tensor, dict[str, Tensor]]: ...
-
-
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
-def pair_seed(seed: int, step: int, index: int) -> int:
-    """A well-mixed 63-bit seed for pair ``index`` of optimizer step ``step``."""
-    return int(np.random.SeedSequence([seed, step, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+class Callback:
+    """Hooks of the training loop; subclass and override what you need (all no-ops here).
+
+    Order within one optimizer step: ``on_micro_batch`` -> (loss) -> ``before_backward`` ->
+    ``after_backward``, once per micro-batch; then ``before_optimizer`` -> (clip, step,
+    zero_grad) -> ``after_optimizer``; then ``on_step_end`` with the logged metrics, and
+    ``on_checkpoint`` after a checkpoint is committed. ``on_micro_batch`` and
+    ``on_train_end`` run on every process; the others too, but only the main process writes.
+    """
+
+    def on_loop_begin(self, trainer: Trainer) -> None: ...
+    def on_micro_batch(self, batch: dict[str, Any]) -> None: ...
+    def before_backward(self) -> None: ...
+    def after_backward(self) -> None: ...
+    def before_optimizer(self) -> None: ...
+    def after_optimizer(self) -> None: ...
+    def on_step_end(self, step: int, logs: dict[str, float]) -> None: ...
+    def on_checkpoint(self, step: int, folder: Path) -> None: ...
+    def on_train_end(self, accelerator: Accelerator) -> None: ...
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -102,6 +120,41 @@ class TrainResult:
     skipped_nonfinite: int = 0
 
 
+@dataclass
+class _Run:
+    """What one call of :meth:`Trainer.train` has prepared (the loop's working state)."""
+
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: Any
+    lr_scheduler: Any
+    dataloader: Any
+    sampler: Any
+    params: list[nn.Parameter]
+    checkpoint_root: Path
+    metrics_fh: Any = None
+    progress: Any = None
+    global_step: int = 0
+    micro_metrics: list[dict[str, Tensor]] = field(default_factory=list)
+    nonfinite_losses: Tensor | None = None
+    consecutive_nonfinite: int = 0
+    step_start: float = 0.0
+
+
+@dataclass
+class _StepOutcome:
+    """How an optimizer step went: the gradient norm and which checks passed."""
+
+    grad_norm: float | None
+    loss_finite: bool
+    grads_finite: bool
+    overflow_scale: float | None  # fp16: the GradScaler's scale after an overflow it handled
+
+    @property
+    def finite(self) -> bool:
+        return self.loss_finite and self.grads_finite
+
+
 class Trainer:
     """Preference alignment with any method and backbone; see the module docstring."""
 
@@ -121,17 +174,14 @@ class Trainer:
         data_report: Callable[[], dict[str, Any]] | None = None,
         model_card: Callable[[Path, dict[str, Any]], None] | None = None,
         sampler: Sampler[int] | None = None,
-        on_batch: Callable[[dict[str, Any]], None] | None = None,
-        on_train_end: Callable[[Accelerator], None] | None = None,
+        callbacks: list[Callback] | None = None,
         stateful: list[Any] | None = None,
     ) -> None:
         """``sampler`` (default: ``EpochShuffleSampler``) must have ``set_epoch`` and depend
-        only on (seed, epoch), so every process sees the same order. ``on_batch(batch)`` sees
-        every micro-batch on every process before the loss (e.g. to count skipped pairs);
-        ``on_train_end(accelerator)`` runs on every process after the last step, before the
-        model is saved (e.g. to gather counts from all processes). ``stateful`` objects
-        (``state_dict()`` -> JSON-able, ``load_state_dict``) are saved per process in every
-        checkpoint and restored on resume (e.g. the pairs skipped so far)."""
+        only on (seed, epoch), so every process sees the same order. ``callbacks`` see the
+        loop's events (:class:`Callback`). ``stateful`` objects (``state_dict()`` ->
+        JSON-able, ``load_state_dict``) are saved per process in every checkpoint and restored
+        on resume (e.g. the pairs skipped so far)."""
         self.config = config
         self.backbone = backbone
         self.dataset = dataset
@@ -145,13 +195,16 @@ class Trainer:
         self.data_report = data_report
         self.model_card = model_card
         self.sampler = sampler
-        self.on_batch = on_batch
-        self.on_train_end = on_train_end
+        self.callbacks = list(callbacks or [])
         self.stateful = list(stateful or [])
         # non-finite step counters, saved in checkpoints so a resumed run counts on
         self._counters = {"nonfinite_skipped": 0, "consecutive_nonfinite": 0}
 
-    # ------------------------------------------------------------------------------------
+    def _emit(self, event: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(*args)
+
+    # ---- set-up --------------------------------------------------------------------------
     def _make_accelerator(self) -> Accelerator:
         c = self.config
         # a new run in the same process may change the precision: reset the per-run state
@@ -168,21 +221,27 @@ class Trainer:
             project_dir=c.output_dir,
         )
 
+    def learning_rate(self, world: int) -> float:
+        """``learning_rate``, times per-device batch x accumulation x processes with ``scale_lr``
+        (Diffusion-DPO: a per-pair rate times the effective batch)."""
+        c = self.config
+        if not c.scale_lr:
+            return c.learning_rate
+        return c.learning_rate * c.per_device_train_batch_size * c.gradient_accumulation_steps * world
+
     def _make_optimizer(self, params: list[nn.Parameter], world: int) -> torch.optim.Optimizer:
         c = self.config
-        lr = c.learning_rate
-        if c.scale_lr:  # Diffusion-DPO: a per-pair rate times the effective batch
-            lr *= c.per_device_train_batch_size * c.gradient_accumulation_steps * world
-        kwargs: dict[str, Any] = dict(lr=lr, betas=(c.adam_beta1, c.adam_beta2),
+        kwargs: dict[str, Any] = dict(lr=self.learning_rate(world), betas=(c.adam_beta1, c.adam_beta2),
                                       weight_decay=c.adam_weight_decay, eps=c.adam_epsilon)
-        # fused AdamW: 5x faster than the default on CPU for LoRA, 3.6x for a full UNet
+        # fused AdamW: 5x faster than the for-loop one on CPU for LoRA, 3.6x for a full UNet
         # (BENCHMARKS.md); devices without a fused kernel take the default implementation
         try:
-            return torch.optim.AdamW(params, fused=True, **kwargs)
+            return torch.optim.AdamW(params, **ADAM_FLAGS[c.adam_implementation], **kwargs)
         except (RuntimeError, ValueError):
             return torch.optim.AdamW(params, **kwargs)
 
-    def train(self) -> TrainResult:
+    def _prepare(self) -> _Run:
+        """Accelerator, trainable parameters, optimizer, schedule, data loader and resume."""
         c = self.config
         accelerator = self._make_accelerator()
         launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -225,63 +284,85 @@ class Trainer:
             collate_fn=self.collate_fn, drop_last=True, num_workers=c.dataloader_num_workers,
         )
         if accelerator.distributed_type == DistributedType.FSDP and c.lora_rank > 0:
-            raise ValueError("lora_rank: FSDP shards full fine-tunes (lora_rank 0); train LoRA with DDP "
-                             "(configs/accelerate/multi_gpu.yaml)")
+            raise ConfigError("lora_rank: FSDP shards full fine-tunes (lora_rank 0); train LoRA with DDP "
+                              "(configs/accelerate/multi_gpu.yaml)")
         model, optimizer, dataloader, lr_scheduler = accelerator.prepare(
             self.model, optimizer, dataloader, lr_scheduler
         )
         if len(dataloader) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"per_device_train_batch_size: {c.per_device_train_batch_size} x {world} processes "
                 f"is more than the {len(self.dataset)} training pairs"
             )
-
-        checkpoint_root = output_dir / "checkpoints"
-        global_step = 0
+        run = _Run(accelerator, model, optimizer, lr_scheduler, dataloader, sampler, params,
+                   output_dir / "checkpoints")
         self._counters = {"nonfinite_skipped": 0, "consecutive_nonfinite": 0}
         self._prepared = (model, optimizer, lr_scheduler, params)
         if c.resume_from_checkpoint:
-            found = ckpt.resolve_checkpoint(checkpoint_root, c.resume_from_checkpoint)
-            if found is None:
-                accelerator.print(f"resume_from_checkpoint: no checkpoint in {checkpoint_root}; starting fresh")
-            else:
-                state = ckpt.read_state(found)
-                self._check_resumable(state)
-                ckpt.load_training_files(found, state, accelerator, model, optimizer, lr_scheduler, params,
-                                         self.stateful)
-                global_step = int(state["global_step"])
-                for key in self._counters:
-                    self._counters[key] = int(state.get(key, 0))
-                accelerator.print(f"resumed from {found} at step {global_step}")
+            self._resume(run)
+        self._open_logs(run, output_dir)
+        return run
 
+    def _resume(self, run: _Run) -> None:
+        c, accelerator = self.config, run.accelerator
+        found = ckpt.resolve_checkpoint(run.checkpoint_root, c.resume_from_checkpoint)
+        if found is None:
+            accelerator.print(f"resume_from_checkpoint: no checkpoint in {run.checkpoint_root}; starting fresh")
+            return
+        state = ckpt.read_state(found)
+        self._check_resumable(state)
+        ckpt.load_training_files(found, state, accelerator, run.model, run.optimizer, run.lr_scheduler,
+                                 run.params, self.stateful)
+        run.global_step = int(state["global_step"])
+        for key in self._counters:
+            self._counters[key] = int(state.get(key, 0))
+        accelerator.print(f"resumed from {found} at step {run.global_step}")
+
+    def _open_logs(self, run: _Run, output_dir: Path) -> None:
+        c, accelerator = self.config, run.accelerator
         metrics_file = output_dir / "metrics.jsonl" if self.write_logs else None
         if c.resume_from_checkpoint and metrics_file is not None and accelerator.is_main_process:
-            truncate_metrics(metrics_file, global_step)  # steps after the checkpoint are replayed
+            truncate_metrics(metrics_file, run.global_step)  # steps after the checkpoint are replayed
         if self.write_logs and accelerator.is_main_process and c.report_to != "none":
             tracker_config = {k: v for k, v in config_to_dict(c).items() if v is not None}
             # a resumed run replays the steps after its checkpoint: drop their old events
-            init_kwargs = {"tensorboard": {"purge_step": global_step + 1}} if global_step else {}
+            init_kwargs = {"tensorboard": {"purge_step": run.global_step + 1}} if run.global_step else {}
             accelerator.init_trackers(c.tracker_project_name, config=tracker_config, init_kwargs=init_kwargs)
+        if metrics_file is not None and accelerator.is_main_process:
+            run.metrics_fh = open(metrics_file, "a")  # noqa: SIM115 (closed in train's finally)
 
-        result = self._loop(
-            accelerator, model, optimizer, lr_scheduler, dataloader, sampler, params,
-            global_step, checkpoint_root, metrics_file,
-        )
-        if self.on_train_end is not None:
-            self.on_train_end(accelerator)
+    # ---- the run -------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        run = self._prepare()
+        accelerator = run.accelerator
+        try:
+            result = self._loop(run)
+        finally:
+            if run.progress is not None:
+                run.progress.close()
+            if run.metrics_fh is not None:
+                run.metrics_fh.close()
+        self._emit("on_train_end", accelerator)
         accelerator.wait_for_everyone()
-        unwrapped = self._gathered_model(accelerator, model) if self.save_model else None
-        if self.save_model and accelerator.is_main_process:
-            # a method with several networks (CHATS) saves them its own way
-            save = getattr(self.method, "save_trained", None)
-            files = save(output_dir, unwrapped) if save else self.backbone.save_trained(output_dir, unwrapped)
-            if self.model_card is not None:
-                self.model_card(output_dir, {"final_metrics": result.final_metrics, "files": files,
-                                             "global_step": result.global_step,
-                                             "data": self.data_report() if self.data_report else None})
+        output_dir = Path(self.config.output_dir)
+        if self.save_model:
+            self._save_outputs(run, result, output_dir)
         result.output_dir = output_dir
         accelerator.end_training()
         return result
+
+    def _save_outputs(self, run: _Run, result: TrainResult, output_dir: Path) -> None:
+        accelerator = run.accelerator
+        unwrapped = self._gathered_model(accelerator, run.model)
+        if not accelerator.is_main_process:
+            return
+        # a method with several networks (CHATS) saves them its own way
+        save = getattr(self.method, "save_trained", None)
+        files = save(output_dir, unwrapped) if save else self.backbone.save_trained(output_dir, unwrapped)
+        if self.model_card is not None:
+            self.model_card(output_dir, {"final_metrics": result.final_metrics, "files": files,
+                                         "global_step": result.global_step,
+                                         "data": self.data_report() if self.data_report else None})
 
     def _gathered_model(self, accelerator: Accelerator, model: nn.Module) -> nn.Module:
         """The trained denoiser with full weights on the main process. Under FSDP the
@@ -298,15 +379,15 @@ class Trainer:
         return full
 
     def _check_resumable(self, state: dict[str, Any]) -> None:
-        """Refuse a checkpoint written by another model, objective or batch layout."""
+        """Refuse a checkpoint written by another model, method or batch layout."""
         ckpt.check_fingerprint(state.get("fingerprint", {}), self._fingerprint())
 
     def _fingerprint(self) -> dict[str, Any]:
         """What a resumed run must share with the run that wrote the checkpoint: the model
-        (path, family and a digest of its starting weights), the objective, and the batch
+        (path, family and a digest of its starting weights), the method, and the batch
         layout (per-pair seeds and the data order depend on it)."""
         return {
-            **ckpt.config_fingerprint(self.config), "family": self.backbone.family,
+            **resume_fingerprint(self.config), "family": self.backbone.family,
             "num_processes": AcceleratorState().num_processes,
             "weights": getattr(self, "_weights_digest", None),
         }
@@ -325,156 +406,182 @@ class Trainer:
                      "num_processes": accelerator.num_processes, **self._counters}
             ckpt.finish_checkpoint(root, tmp, step, state, self.config.checkpoints_total_limit)
         accelerator.wait_for_everyone()
+        self._emit("on_checkpoint", step, root / f"checkpoint-{step}")
 
-    # ------------------------------------------------------------------------------------
-    def _loop(
-        self, accelerator: Accelerator, model: nn.Module, optimizer, lr_scheduler, dataloader,
-        sampler: EpochShuffleSampler, params: list[nn.Parameter], global_step: int,
-        checkpoint_root: Path, metrics_file: Path | None,
-    ) -> TrainResult:
-        c = self.config
-        world, rank = accelerator.num_processes, accelerator.process_index
-        batch = c.per_device_train_batch_size
+    # ---- the loop ------------------------------------------------------------------------
+    def _loop(self, run: _Run) -> TrainResult:
+        """Whole optimizer steps until ``max_steps``, epoch after epoch (a partial
+        accumulation at the end of an epoch is dropped, so a step always sees
+        ``gradient_accumulation_steps`` micro-batches and resume arithmetic holds)."""
+        c, accelerator = self.config, run.accelerator
         accum = c.gradient_accumulation_steps
-        steps_per_epoch = len(dataloader) // accum
+        steps_per_epoch = len(run.dataloader) // accum
         if steps_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"gradient_accumulation_steps: {accum} micro-batches a step is more than the "
-                f"{len(dataloader)} batches an epoch holds"
+                f"{len(run.dataloader)} batches an epoch holds"
             )
-        result = TrainResult(global_step=global_step, skipped_nonfinite=self._counters["nonfinite_skipped"])
-        progress = tqdm(
-            total=c.max_steps, initial=global_step, desc=getattr(self.method, "progress_name", f"train {c.objective}"),
+        result = TrainResult(global_step=run.global_step, skipped_nonfinite=self._counters["nonfinite_skipped"])
+        run.progress = tqdm(
+            total=c.max_steps, initial=run.global_step,
+            desc=getattr(self.method, "progress_name", f"train {c.method}"),
             disable=not (self.show_progress and accelerator.is_local_main_process), dynamic_ncols=True,
         )
-        # closed in the `finally` below; a context manager would not cover the early raise paths
-        metrics_fh = (
-            open(metrics_file, "a")  # noqa: SIM115
-            if (metrics_file and accelerator.is_main_process) else None
-        )
-        consecutive_nonfinite = self._counters["consecutive_nonfinite"]
-        nonfinite_losses = torch.zeros((), device=accelerator.device)
-        model.train()
-        step_start = time.perf_counter()
-        try:
-            while global_step < c.max_steps:
-                epoch, offset = divmod(global_step, steps_per_epoch)
-                sampler.set_epoch(epoch)
-                if hasattr(dataloader, "set_epoch"):
-                    dataloader.set_epoch(epoch)
-                if hasattr(self.dataset, "set_epoch"):  # per-epoch random crops and flips
-                    self.dataset.set_epoch(epoch)
-                skip = offset * accum
-                epoch_loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-                micro_metrics: list[dict[str, Tensor]] = []
-                micro = 0
-                # Whole steps only: a partial accumulation at the end of an epoch is dropped,
-                # so a step always sees `accum` micro-batches and resume arithmetic holds.
-                for data in itertools.islice(epoch_loader, steps_per_epoch * accum - skip):
-                    seeds = [
-                        pair_seed(c.seed, global_step, (micro * world + rank) * batch + i)
-                        for i in range(batch)
-                    ]
-                    if self.on_batch is not None:
-                        self.on_batch(data)
-                    empty = isinstance(data, dict) and data.get("size", 1) == 0
-                    if empty and world > 1:
-                        # every process must join each gradient all-reduce: it cannot skip
-                        raise RuntimeError(
-                            "an empty batch (every pair unreadable) in multi-process training; "
-                            "use a dataset that substitutes unreadable pairs"
-                        )
-                    with accelerator.accumulate(model):
-                        if not empty:  # one process: an empty micro-batch adds no gradient
-                            with accelerator.autocast():
-                                loss, metrics = self.method.compute_loss(model, data, seeds)
-                            # counted on the device: no host sync per micro-batch
-                            nonfinite_losses = nonfinite_losses + (~torch.isfinite(loss.detach().float())).sum()
-                            accelerator.backward(loss)
-                            micro_metrics.append(metrics)
-                        grad_norm = None
-                        if accelerator.sync_gradients:
-                            grad_norm = self._clip(accelerator, params)
-                            loss_finite = self._losses_finite(accelerator, nonfinite_losses)
-                            nonfinite_losses = torch.zeros((), device=accelerator.device)
-                            grads_finite = grad_norm is None or math.isfinite(grad_norm)
-                            scaler = accelerator.scaler
-                            finite = loss_finite and grads_finite
-                            if loss_finite and (grads_finite or scaler is not None):
-                                # under fp16 the GradScaler skips a step whose gradients
-                                # overflowed and lowers its scale: that is its job, not ours
-                                optimizer.step()
-                                lr_scheduler.step()
-                            elif scaler is not None:
-                                scaler.update()  # a skipped step still closes the scaler's cycle
-                            optimizer.zero_grad(set_to_none=True)
-                    micro += 1
-                    if not accelerator.sync_gradients:
-                        continue
-                    # ---- one optimizer step done ---------------------------------------
-                    global_step += 1
-                    micro = 0
-                    stop = False
-                    if finite:
-                        consecutive_nonfinite = 0
-                    else:
-                        result.skipped_nonfinite += 1
-                        # an fp16 overflow with a finite loss is normal while the GradScaler
-                        # finds its scale; it counts once the scale is below 1 (a real blow-up)
-                        overflow = loss_finite and scaler is not None and scaler.get_scale() >= 1.0
-                        if not overflow:
-                            consecutive_nonfinite += 1
-                        if overflow:
-                            accelerator.print(f"step {global_step}: gradient overflow (fp16); the GradScaler "
-                                              f"skipped the step and lowered its scale to {scaler.get_scale():g}")
-                        else:
-                            what = "non-finite loss" if not loss_finite else "non-finite gradient"
-                            accelerator.print(f"step {global_step}: {what}; step skipped ({consecutive_nonfinite} "
-                                              f"in a row, max_nonfinite_steps={c.max_nonfinite_steps})")
-                        stop = consecutive_nonfinite >= c.max_nonfinite_steps  # raised once logged
-                    elapsed = time.perf_counter() - step_start
-                    step_start = time.perf_counter()
-                    logged = self._reduce_metrics(accelerator, micro_metrics)
-                    micro_metrics = []
-                    logged.update({
-                        "step": global_step,
-                        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                        "lr": lr_scheduler.get_last_lr()[0],
-                        "pairs_per_second": batch * accum * world / max(elapsed, 1e-9),
-                        "peak_memory_gb": peak_memory_gb(accelerator.device),
-                        "nonfinite_skipped": result.skipped_nonfinite,
-                    })
-                    result.history.append(logged)
-                    result.final_metrics = logged
-                    if global_step % c.logging_steps == 0 or global_step == c.max_steps or stop:
-                        if metrics_fh is not None:
-                            metrics_fh.write(json.dumps(_jsonable(logged)) + "\n")
-                            metrics_fh.flush()
-                        if accelerator.trackers:
-                            accelerator.log({k: v for k, v in logged.items() if k != "step" and math.isfinite(v)},
-                                            step=global_step)
-                    if stop:
-                        raise NonFiniteError(
-                            f"{consecutive_nonfinite} consecutive steps had a non-finite loss or "
-                            f"gradient (max_nonfinite_steps={c.max_nonfinite_steps}); stopping at step "
-                            f"{global_step}. Lower learning_rate or beta, or check the data."
-                        )
-                    progress.update(1)
-                    progress.set_postfix(
-                        {k.split("/")[-1]: f"{logged[k]:.3g}" for k in PROGRESS_KEYS if k in logged}, refresh=False
-                    )
-                    self._counters = {"nonfinite_skipped": result.skipped_nonfinite,
-                                      "consecutive_nonfinite": consecutive_nonfinite}
-                    if self._should_checkpoint(global_step):
-                        self._save_checkpoint(accelerator, checkpoint_root, global_step)
-                    if global_step >= c.max_steps:
-                        break
-        finally:
-            progress.close()
-            if metrics_fh is not None:
-                metrics_fh.close()
-        result.global_step = global_step
+        run.consecutive_nonfinite = self._counters["consecutive_nonfinite"]
+        run.nonfinite_losses = torch.zeros((), device=accelerator.device)
+        run.model.train()
+        self._emit("on_loop_begin", self)
+        run.step_start = time.perf_counter()
+        while run.global_step < c.max_steps:
+            epoch, offset = divmod(run.global_step, steps_per_epoch)
+            for micro, data in enumerate(self._epoch_batches(run, epoch, offset, steps_per_epoch)):
+                outcome = self._micro_step(run, data, micro % accum)
+                if outcome is None:
+                    continue
+                run.global_step += 1
+                self._end_step(run, outcome, result)
+                if run.global_step >= c.max_steps:
+                    break
+        result.global_step = run.global_step
         return result
+
+    def _epoch_batches(self, run: _Run, epoch: int, offset: int, steps_per_epoch: int) -> Iterator[Any]:
+        """The micro-batches of ``epoch`` from optimizer step ``offset`` on (a resume skips
+        the batches of the steps already done)."""
+        accum = self.config.gradient_accumulation_steps
+        run.sampler.set_epoch(epoch)
+        if hasattr(run.dataloader, "set_epoch"):
+            run.dataloader.set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):  # per-epoch random crops and flips
+            self.dataset.set_epoch(epoch)
+        skip = offset * accum
+        loader = run.accelerator.skip_first_batches(run.dataloader, skip) if skip else run.dataloader
+        return itertools.islice(loader, steps_per_epoch * accum - skip)
+
+    def _pair_seeds(self, run: _Run, micro: int) -> list[int]:
+        """Seeds of this process's pairs: the global pair index counts across micro-batches
+        and processes, so the split of a step's pairs does not change their draws."""
+        c, acc = self.config, run.accelerator
+        batch = c.per_device_train_batch_size
+        return [pair_seed(c.seed, run.global_step, (micro * acc.num_processes + acc.process_index) * batch + i)
+                for i in range(batch)]
+
+    def _micro_step(self, run: _Run, data: Any, micro: int) -> _StepOutcome | None:
+        """Loss and backward of one micro-batch; the optimizer step when the accumulation is
+        complete (returns its outcome, else None)."""
+        accelerator = run.accelerator
+        seeds = self._pair_seeds(run, micro)
+        self._emit("on_micro_batch", data)
+        empty = isinstance(data, dict) and data.get("size", 1) == 0
+        if empty and accelerator.num_processes > 1:
+            # every process must join each gradient all-reduce: it cannot skip
+            raise RuntimeError(
+                "an empty batch (every pair unreadable) in multi-process training; "
+                "use a dataset that substitutes unreadable pairs"
+            )
+        with accelerator.accumulate(run.model):
+            if not empty:  # one process: an empty micro-batch adds no gradient
+                with accelerator.autocast():
+                    loss, metrics = self.method.compute_loss(run.model, data, seeds)
+                # counted on the device: no host sync per micro-batch
+                run.nonfinite_losses = run.nonfinite_losses + (~torch.isfinite(loss.detach().float())).sum()
+                self._emit("before_backward")
+                accelerator.backward(loss)
+                self._emit("after_backward")
+                run.micro_metrics.append(metrics)
+            if not accelerator.sync_gradients:
+                return None
+            return self._optimizer_step(run)
+
+    def _optimizer_step(self, run: _Run) -> _StepOutcome:
+        """Clip, check finiteness on every process, step (or skip) and zero the gradients."""
+        accelerator = run.accelerator
+        self._emit("before_optimizer")
+        grad_norm = self._clip(accelerator, run.params)
+        loss_finite = self._losses_finite(accelerator, run.nonfinite_losses)
+        run.nonfinite_losses = torch.zeros((), device=accelerator.device)
+        grads_finite = grad_norm is None or math.isfinite(grad_norm)
+        scaler = accelerator.scaler
+        if loss_finite and (grads_finite or scaler is not None):
+            # under fp16 the GradScaler skips a step whose gradients overflowed and lowers its
+            # scale: that is its job, not ours
+            run.optimizer.step()
+            run.lr_scheduler.step()
+        elif scaler is not None:
+            scaler.update()  # a skipped step still closes the scaler's cycle
+        run.optimizer.zero_grad(set_to_none=True)
+        self._emit("after_optimizer")
+        overflow = None
+        if loss_finite and not grads_finite and scaler is not None and scaler.get_scale() >= 1.0:
+            # an fp16 overflow with a finite loss is normal while the GradScaler finds its
+            # scale; it counts once the scale is below 1 (a real blow-up)
+            overflow = scaler.get_scale()
+        return _StepOutcome(grad_norm, loss_finite, grads_finite, overflow)
+
+    def _end_step(self, run: _Run, outcome: _StepOutcome, result: TrainResult) -> None:
+        """After an optimizer step: the non-finite guard, logging, progress, checkpoint."""
+        stop = self._guard_nonfinite(run, outcome, result)
+        logs = self._step_logs(run, outcome, result)
+        if stop:
+            raise NonFiniteError(
+                f"{run.consecutive_nonfinite} consecutive steps had a non-finite loss or "
+                f"gradient (max_nonfinite_steps={self.config.max_nonfinite_steps}); stopping at step "
+                f"{run.global_step}. Lower learning_rate or beta, or check the data."
+            )
+        run.progress.update(1)
+        run.progress.set_postfix(
+            {k.split("/")[-1]: f"{logs[k]:.3g}" for k in PROGRESS_KEYS if k in logs}, refresh=False
+        )
+        self._counters = {"nonfinite_skipped": result.skipped_nonfinite,
+                          "consecutive_nonfinite": run.consecutive_nonfinite}
+        self._emit("on_step_end", run.global_step, logs)
+        if self._should_checkpoint(run.global_step):
+            self._save_checkpoint(run.accelerator, run.checkpoint_root, run.global_step)
+
+    def _guard_nonfinite(self, run: _Run, outcome: _StepOutcome, result: TrainResult) -> bool:
+        """Count a skipped step; True when ``max_nonfinite_steps`` in a row were skipped
+        (raised once the step is logged)."""
+        c, step = self.config, run.global_step
+        if outcome.finite:
+            run.consecutive_nonfinite = 0
+            return False
+        result.skipped_nonfinite += 1
+        if outcome.overflow_scale is not None:
+            run.accelerator.print(f"step {step}: gradient overflow (fp16); the GradScaler skipped the "
+                                  f"step and lowered its scale to {outcome.overflow_scale:g}")
+            return False
+        run.consecutive_nonfinite += 1
+        what = "non-finite loss" if not outcome.loss_finite else "non-finite gradient"
+        run.accelerator.print(f"step {step}: {what}; step skipped ({run.consecutive_nonfinite} in a row, "
+                              f"max_nonfinite_steps={c.max_nonfinite_steps})")
+        return run.consecutive_nonfinite >= c.max_nonfinite_steps
+
+    def _step_logs(self, run: _Run, outcome: _StepOutcome, result: TrainResult) -> dict[str, float]:
+        """Metrics of the step (mean over micro-batches and processes), written and returned."""
+        c, accelerator, step = self.config, run.accelerator, run.global_step
+        elapsed = time.perf_counter() - run.step_start
+        run.step_start = time.perf_counter()
+        logs = self._reduce_metrics(accelerator, run.micro_metrics)
+        run.micro_metrics = []
+        pairs = c.per_device_train_batch_size * c.gradient_accumulation_steps * accelerator.num_processes
+        logs.update({
+            "step": step,
+            "grad_norm": float(outcome.grad_norm) if outcome.grad_norm is not None else float("nan"),
+            "lr": run.lr_scheduler.get_last_lr()[0],
+            "pairs_per_second": pairs / max(elapsed, 1e-9),
+            "peak_memory_gb": peak_memory_gb(accelerator.device),
+            "nonfinite_skipped": result.skipped_nonfinite,
+        })
+        result.history.append(logs)
+        result.final_metrics = logs
+        last = step == c.max_steps or run.consecutive_nonfinite >= c.max_nonfinite_steps
+        if step % c.logging_steps == 0 or last:
+            if run.metrics_fh is not None:
+                run.metrics_fh.write(json.dumps(_jsonable(logs)) + "\n")
+                run.metrics_fh.flush()
+            if accelerator.trackers:
+                accelerator.log({k: v for k, v in logs.items() if k != "step" and math.isfinite(v)}, step=step)
+        return logs
 
     def _should_checkpoint(self, step: int) -> bool:
         c = self.config

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from snpo import __version__
-from snpo.report import (
+from snpo.evaluate.aggregate import (
     fmt,
     fmt_seed_mean_std,
     image_grid,
@@ -388,7 +388,7 @@ def write_report(out: Path, config, world, train_pairs, heldout_pairs, evals, hi
 
 
 def _lambda_of(name: str, run_info: dict) -> float:
-    return float(run_info[name]["mix_lambda"]) if run_info[name]["objective"] == "snpo" else 1.0
+    return float(run_info[name]["mix_lambda"]) if run_info[name]["method"] == "snpo" else 1.0
 
 
 def _machine() -> str:

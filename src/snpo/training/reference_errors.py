@@ -8,23 +8,22 @@ pays it K times for the same numbers. With ``precompute_reference: true`` the fi
 records ``e_ref`` of every pair it trains on; later runs read them and skip the reference
 forward; any pair not stored yet is computed and recorded as usual.
 
-Why this is exact with the trainer's per-step seeding
-------------------------------------------------------
-Each pair's noise, timestep and branch label come from ``pair_seed(seed, step, index)``
-(``snpo.training.trainer``), not from a per-pair seed. But the data order is a permutation
-seeded by ``(seed, epoch)``, and the pairs of step ``s`` are the next ``total`` pairs of that
-order, ``total = batch x accumulation x processes`` (the trainer's seeds do not depend on how
-``total`` is split). So for runs sharing the seed, the data and ``total``, slot ``(step,
-index)`` holds the same pair in the same epoch and draws the same noise: the noise schedule is
-already a fixed function of ``(seed, pair, epoch)`` for all of them, and no special noise mode
-is needed. The stored values are the exact float32 errors the run computed, so a run that reads
+Why this is exact with the trainer's per-slot seeding
+-----------------------------------------------------
+Each pair's noise, timestep and branch label come from the seed of its SLOT in the run,
+``pair_seed(seed, step, index)`` (``snpo.methods.draws``), which names a position in the
+data order, not the pair itself. But the data order is a permutation seeded by ``(seed,
+epoch)``, and the pairs of step ``s`` are the next ``total`` pairs of that order, ``total =
+batch x accumulation x processes`` (the seeds do not depend on how ``total`` is split). So
+for runs sharing the seed, the data and ``total``, slot ``(step, index)`` holds the same pair
+in the same epoch and draws the same noise: no special noise mode is needed. The stored values are the exact float32 errors the run computed, so a run that reads
 them gets bit-identical losses to one that recomputes them (on the same device and kernels).
 
 Records are keyed by the pair seed (which encodes seed, step and index) and carry a hash of the
 pair's key (its dataset key, else its prompt). A stored record whose pair differs from the
 run's raises: the data or its order changed. The folder is named by a fingerprint of every
-``TrainConfig`` field except those that cannot change ``e_ref`` (``REUSABLE_ACROSS``, listed in
-``snpo.training.speed``), plus the denoiser weights, the dataset files, the cache manifest and
+``TrainConfig`` field except those that cannot change ``e_ref`` (``REUSABLE_ACROSS`` in
+``snpo.training.fingerprints``), plus the denoiser weights, the dataset files, the cache manifest and
 the number of processes. Valid for the single-network methods on the dataset's own labels
 (``dpo``, ``bdpo``, ``snpo-naive``, ``snpo``, ``sft``: the winner/loser swap happens in the
 objective, after the errors); not for CHATS (per-network conditions) or reversed labels.
@@ -37,7 +36,6 @@ only duplicate records.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +44,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from snpo.errors import ConfigError
+from snpo.files import atomic_write_json, stable_hash
 
 RECORD = np.dtype([("seed", "<i8"), ("key", "<i8"), ("chosen", "<f4"), ("rejected", "<f4")])
 FINGERPRINT_FILE = "fingerprint.json"
@@ -60,26 +61,19 @@ def pair_identities(batch: dict[str, Any]) -> list[str]:
     """What identifies each pair of a batch: its dataset key, else its prompt."""
     ids = batch.get("key") or batch.get("prompt")
     if ids is None:
-        raise ValueError("precompute_reference: batches carry neither 'key' nor 'prompt'")
+        raise ConfigError("precompute_reference: batches carry neither 'key' nor 'prompt'")
     return [str(i) for i in ids]
-
-
-def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
-    text = json.dumps(fingerprint, sort_keys=True, default=str)
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 class ReferenceErrorStore:
     """Stored reference errors under ``root/<fingerprint hash>/`` (see the module docstring)."""
 
     def __init__(self, root: str | Path, fingerprint: dict[str, Any], *, rank: int | None = None) -> None:
-        self.folder = Path(root) / fingerprint_hash(fingerprint)
+        self.folder = Path(root) / stable_hash(fingerprint)
         self.folder.mkdir(parents=True, exist_ok=True)
         meta = self.folder / FINGERPRINT_FILE
-        if not meta.exists():
-            tmp = meta.with_name(f"{meta.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True, default=str))
-            os.replace(tmp, meta)
+        if not meta.exists():  # several processes may write it at once: each its own tmp file
+            atomic_write_json(meta, fingerprint, per_process=True, sort_keys=True, default=str)
         rank = int(os.environ.get("RANK", "0")) if rank is None else rank
         self.path = self.folder / f"records-rank{rank}.bin"
         if self.path.exists() and self.path.stat().st_size % RECORD.itemsize:
@@ -117,7 +111,7 @@ class ReferenceErrorStore:
         keys = np.asarray([key_hash(k) for k in pair_identities(batch)], dtype=np.int64)
         bad = np.flatnonzero(found["key"] != keys)
         if len(bad):
-            raise ValueError(
+            raise ConfigError(
                 f"reference_errors_dir: stored reference errors in {self.folder} are for other "
                 f"pairs (pair {pair_identities(batch)[bad[0]]!r} differs): the data, its order or "
                 "the batch layout changed; use another reference_errors_dir"
@@ -138,3 +132,18 @@ class ReferenceErrorStore:
         with open(self.path, "ab") as fh:
             fh.write(out.tobytes())
         self.recorded += len(out)
+
+
+def reference_errors_root(config: Any) -> Path:
+    if config.reference_errors_dir:
+        return Path(config.reference_errors_dir)
+    if not config.cache_dir:
+        raise ConfigError("reference_errors_dir: expected a folder (or a cache_dir), got nothing")
+    return Path(config.cache_dir) / "reference-errors"
+
+
+def open_reference_store(config: Any) -> ReferenceErrorStore:
+    """The store of this config's sweep (``precompute_reference``)."""
+    from snpo.training.fingerprints import reference_fingerprint
+
+    return ReferenceErrorStore(reference_errors_root(config), reference_fingerprint(config))

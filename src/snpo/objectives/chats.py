@@ -22,18 +22,15 @@ dis-preferred distribution (it is the "negative" model of the CFG-like sampler).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from snpo.objectives import implicit_reward
+from snpo.objectives.core import implicit_reward, validate_objective_args
 
 
 def _check_beta(beta: float) -> None:
-    if not (isinstance(beta, int | float) and math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta: expected a finite number > 0, got {beta!r}")
+    validate_objective_args("dpo", beta, 1.0, None)
 
 
 def chats_logits(

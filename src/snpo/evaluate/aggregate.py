@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from snpo.errors import ConfigError
+
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and (population) standard deviation; std 0 for one value."""
@@ -34,7 +36,7 @@ def seed_means(scores: np.ndarray) -> np.ndarray:
     """
     arr = np.asarray(scores)  # no upcast: the toy report's numbers stay bit-identical
     if arr.ndim != 2:
-        raise ValueError(f"scores: expected a (seeds, prompts) table, got shape {arr.shape}")
+        raise ConfigError(f"scores: expected a (seeds, prompts) table, got shape {arr.shape}")
     return arr.mean(axis=1)
 
 
@@ -53,7 +55,7 @@ def win_rate(scores: np.ndarray, baseline: np.ndarray) -> float:
     ties count one half. Both arrays hold the same cells in the same order."""
     scores, baseline = np.asarray(scores), np.asarray(baseline)
     if scores.shape != baseline.shape:
-        raise ValueError(f"win_rate: shapes differ ({scores.shape} vs {baseline.shape})")
+        raise ConfigError(f"win_rate: shapes differ ({scores.shape} vs {baseline.shape})")
     return float(((scores > baseline) + 0.5 * (scores == baseline)).mean())
 
 

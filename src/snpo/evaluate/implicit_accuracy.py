@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from snpo.backbones.base import Backbone, per_sample_mse
-from snpo.training.trainer import pair_seed
+from snpo.errors import ConfigError
+from snpo.methods.draws import draw_pairs, pair_seed
 
 
 @torch.no_grad()
@@ -42,7 +43,7 @@ def implicit_accuracy(
     ``(e_ref - e)[w] - (e_ref - e)[l]`` in error units (multiply by beta/2 for logits).
     """
     if branch not in ("null", "conditional"):
-        raise ValueError(f"branch: expected 'null' or 'conditional', got {branch!r}")
+        raise ConfigError(f"branch: expected 'null' or 'conditional', got {branch!r}")
     margins = []
     index = 0
     for batch in batches:
@@ -52,13 +53,9 @@ def implicit_accuracy(
         n = chosen.shape[0]
         total = torch.zeros(n, dtype=torch.float64)
         for draw in range(draws):
-            noise, timesteps = [], []
-            for i in range(n):
-                generator = torch.Generator().manual_seed(pair_seed(seed, draw, index + i))
-                noise.append(torch.randn(chosen.shape[1:], generator=generator))
-                timesteps.append(backbone.sample_timesteps(1, generator))
-            noise = torch.stack(noise).to(chosen.device)
-            timesteps = torch.cat(timesteps).to(chosen.device)
+            seeds = [pair_seed(seed, draw, index + i) for i in range(n)]
+            drawn = draw_pairs(backbone, chosen, 0.0, seeds)  # the same draws as training's
+            noise, timesteps = drawn.noise, drawn.timesteps
             latents = torch.cat([chosen, rejected])
             noise2, t2 = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
             cond2 = cond  # 2B rows already: chosen images first
