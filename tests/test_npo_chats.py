@@ -173,14 +173,14 @@ def test_lora_merge_acts_on_effective_deltas(tiny_toy, tmp_path):
 
     out = tmp_path / "merged"
     argv = ["merge", "--reference", str(tmp_path / "ref"), "--positive", str(tmp_path / "pos"),
-            "--negative", str(tmp_path / "neg"), "--a", str(a), "--b", str(b),
+            "--npo", str(tmp_path / "neg"), "--a", str(a), "--b", str(b),
             "--output_dir", str(out)]  # fmt: skip
     assert main(argv) == 0
     loaded = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
     for key, value in expected.items():
         torch.testing.assert_close(loaded[key].double(), value, rtol=0, atol=2e-6)
     info = json.loads((out / "merge_info.json").read_text())
-    assert info["positive_kind"] == info["negative_kind"] == "lora"
+    assert info["positive_kind"] == info["npo_kind"] == "lora"
 
 
 def test_merge_cli_on_full_model_folders(tiny_toy, tmp_path, capsys):

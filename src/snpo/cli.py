@@ -3,7 +3,7 @@
     snpo demo [--quick] [--config FILE.yaml] [--key value ...]
     snpo train --config FILE.yaml [--key value ...]
     snpo cache --config FILE.yaml [--key value ...]      (the same config as train)
-    snpo merge --reference PATH --positive PATH --negative PATH [--a 1.0] [--b 1.0] --output_dir OUT
+    snpo merge --reference PATH --positive PATH --npo PATH [--a 1.0] [--b 1.0] --output_dir OUT
     snpo sample --model_name_or_path M [--lora DIR | --unet DIR | --chats DIR] [--npo_negative DIR]
                 --prompts SET [--seeds 0,1,2,3] --output_dir SAMPLES      (resumable)
     snpo score --samples SAMPLES[,SAMPLES...] --scorers hpsv2,pickscore,... --hpsv2 PATH ...
@@ -21,7 +21,6 @@ anything loads.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -138,8 +137,10 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
 
 #: subcommand -> its config dataclass ("module:Class"), whose keys --help lists
 CONFIG_CLASSES = {
+    "demo": "snpo.toy.demo:DemoConfig",
     "train": "snpo.training.config:TrainConfig",
     "cache": "snpo.training.config:TrainConfig",
+    "merge": "snpo.merging:MergeConfig",
     "sample": "snpo.evaluate.sample:SampleConfig",
     "score": "snpo.evaluate.score:ScoreConfig",
     "report": "snpo.evaluate.report:ReportConfig",
@@ -147,13 +148,22 @@ CONFIG_CLASSES = {
 }
 
 
-def _keys_epilog(name: str) -> str | None:
-    """The config keys of a subcommand, listed under its --help."""
+def config_class(name: str) -> type:
+    module, cls = CONFIG_CLASSES[name].split(":")
+    return getattr(import_module(module), cls)
+
+
+def keys_help(name: str) -> str | None:
+    """Every config key of a subcommand: type, default and meaning (from the dataclass)."""
     if name not in CONFIG_CLASSES:
         return None
-    module, cls = CONFIG_CLASSES[name].split(":")
-    keys = ", ".join(f.name for f in dataclasses.fields(getattr(import_module(module), cls)))
-    return f"config keys (YAML or --key value): {keys}"
+    from snpo.configuration import describe_fields
+
+    lines = ["config keys (in a --config YAML file, or --key value):"]
+    for key, type_name, default, text in describe_fields(config_class(name)):
+        lines.append(f"  --{key} ({type_name}, default {default})")
+        lines.append(f"      {text}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=_keys_epilog(name))
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=keys_help(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", default=None, help="YAML file with config keys")
         if name == "demo":
             p.add_argument("--quick", action="store_true", help="tiny sizes: the whole pipeline in about a minute")

@@ -210,3 +210,70 @@ def config_to_dict(config: Any) -> dict[str, Any]:
             value = list(value)
         out[f.name] = value
     return out
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """One line of help per field, read from the dataclass's source: the comment after the
+    field (``name: int = 1  # what it is``) or the ``#:`` lines just above it. Read from the
+    code itself, so ``--help`` cannot drift from it."""
+    import inspect
+    import io
+    import tokenize
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        above: list[str] = []
+        line_of_field: dict[int, str] = {}
+        lines = source.splitlines()
+        for number, line in enumerate(lines, 1):
+            stripped = line.strip()
+            if stripped.startswith("#:"):
+                above.append(stripped[2:].strip())
+                continue
+            name = stripped.split(":", 1)[0].strip() if ":" in stripped else ""
+            if name.isidentifier() and not stripped.startswith(("def ", "class ", "return", "#")) and (
+                    name in {f.name for f in dataclasses.fields(cls)}):
+                line_of_field[number] = name
+                if above:
+                    docs[name] = " ".join(above)
+            above = []
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT and tok.start[0] in line_of_field:
+                text = tok.string.lstrip("#").strip()
+                if text and not text.startswith(("noqa", "type:")):
+                    docs[line_of_field[tok.start[0]]] = text
+    return docs
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if not typing.get_args(annotation) else None
+    return text or str(annotation).replace("typing.", "").replace("NoneType", "None")
+
+
+def describe_fields(cls: type) -> list[tuple[str, str, str, str]]:
+    """``(key, type, default, help)`` of every key a config file or ``--key`` may set."""
+    types_ = _field_types(cls)
+    docs = field_docs(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        if is_alias(f):
+            help_text = f"older name of {f.metadata['alias_of']} (still read)"
+        else:
+            help_text = docs.get(f.name, "")
+        shown = "null" if default is None else ("''" if default == "" else default)
+        rows.append((f.name, _type_name(types_[f.name]), str(shown), help_text))
+    return rows

@@ -80,13 +80,15 @@ def npo_footprint(
     merged_negative: nn.Module,
 ) -> Footprint:
     """Diff-NPO from its two single-network training runs and its two sampling networks."""
+    from snpo.methods import get_method
+
     return Footprint(
         method="diff-npo",
         trainable=positive_run.trainable + negative_run.trainable,
         training_resident=max(positive_run.training_resident, negative_run.training_resident),
         sampling_resident=count_parameters(positive, merged_negative),
         training_runs=positive_run.training_runs + negative_run.training_runs,
-        sampling_networks=2,
+        sampling_networks=get_method("npo-negative").sampling_networks,
     )
 
 

@@ -1,8 +1,10 @@
 """Diff-NPO weight merging, on full weights and on LoRA adapters.
 
-The negative model used at sampling time is (METHOD.md, the Diff-NPO merge)::
+The network Diff-NPO uses on the null branch at sampling time (its "negative model"; snpo
+calls it the merged NPO model, since "negative" names the null-branch label) is
+(docs/method.md, the Diff-NPO merge)::
 
-    theta_neg = theta_ref + a (theta_pos - theta_ref) + b (theta_npo - theta_ref)
+    theta_merged = theta_ref + a (theta_pos - theta_ref) + b (theta_npo - theta_ref)
 
 ``theta_pos`` is the positively aligned model (e.g. Diff-DPO), ``theta_npo`` the model trained
 on reversed preferences; the public Diff-NPO code builds ``(1 - w) theta_pos + w theta_ref``
@@ -45,7 +47,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from snpo.errors import ConfigError
+from snpo.dtypes import DTYPE_SPELLINGS, DTYPES, torch_dtype
+from snpo.errors import ConfigError, UserError
 
 StateDict = Mapping[str, Tensor]
 
@@ -218,10 +221,10 @@ def resolve_weights(path: str | Path) -> tuple[str, Path]:
     """
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path}: no such file or folder")
+        raise UserError(f"{path}: no such file or folder")
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise ValueError(f"{path}: expected a .safetensors file (convert .bin weights first)")
+            raise UserError(f"{path}: expected a .safetensors file (convert .bin weights first)")
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
         is_lora = any(_LORA_KEY.match(k.removeprefix("unet.")) for k in keys)
@@ -304,13 +307,13 @@ def _check_compatible(reference: StateDict, source: StateDict | LoraWeights, nam
 def merge_weights(
     reference: StateDict,
     positive: StateDict | LoraWeights,
-    negative: StateDict | LoraWeights,
+    npo: StateDict | LoraWeights,
     a: float,
     b: float,
 ) -> dict[str, Tensor]:
     """``theta_ref + a (theta_pos - theta_ref) + b (theta_npo - theta_ref)``, key by key.
 
-    ``positive`` and ``negative`` are each full weights (a state dict with the reference's
+    ``positive`` and ``npo`` are each full weights (a state dict with the reference's
     keys) or a :class:`LoraWeights` (delta ``scale * B @ A`` on its adapted weights). Integer
     tensors (buffers such as counters) are copied from the reference. ``a = b = 0`` returns
     the reference exactly.
@@ -319,7 +322,7 @@ def merge_weights(
         if not (isinstance(value, int | float) and math.isfinite(value)):
             raise ConfigError(f"{name}: expected a finite number, got {value!r}")
     _check_compatible(reference, positive, "positive")
-    _check_compatible(reference, negative, "negative")
+    _check_compatible(reference, npo, "npo")
     merged = {}
     for key in reference:
         ref = reference[key]
@@ -328,7 +331,7 @@ def merge_weights(
             continue
         dtype = torch.promote_types(ref.dtype, torch.float32)
         value = ref.to(dtype)
-        for coefficient, source in ((a, positive), (b, negative)):
+        for coefficient, source in ((a, positive), (b, npo)):
             if coefficient == 0:
                 continue  # exactly the reference, whatever the source holds
             delta = _delta(source, key, ref, dtype)
@@ -339,7 +342,7 @@ def merge_weights(
 
 
 def merge_denoisers(
-    reference: nn.Module, positive: nn.Module, negative: nn.Module, a: float, b: float
+    reference: nn.Module, positive: nn.Module, npo: nn.Module, a: float, b: float
 ) -> nn.Module:
     """A new, frozen denoiser with the merged weights (modules may carry LoRA adapters).
 
@@ -349,7 +352,7 @@ def merge_denoisers(
     """
     ref_state = effective_state_dict(reference)
     merged = merge_weights(
-        ref_state, effective_state_dict(positive), effective_state_dict(negative), a, b
+        ref_state, effective_state_dict(positive), effective_state_dict(npo), a, b
     )
     config = getattr(reference, "config", None)
     if config is not None and hasattr(type(reference), "from_config"):
@@ -362,29 +365,37 @@ def merge_denoisers(
 
 
 # ---- `snpo merge` -------------------------------------------------------------------------
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class MergeConfig:
-    """``snpo merge``: the Diff-NPO negative model from a reference, a positive and an NPO model.
+    """``snpo merge``: Diff-NPO's merged null-branch model from a reference, a positive and an NPO model.
 
     Paths may be full-weight unet folders, diffusers/toy model folders (``unet/`` inside),
     LoRA folders (``pytorch_lora_weights.safetensors``) or ``.safetensors`` files; the
     reference must hold full weights. Defaults ``a = b = 1`` are the public Diff-NPO code's.
     """
 
-    reference: str = ""
-    positive: str = ""
-    negative: str = ""
-    a: float = 1.0
-    b: float = 1.0
-    output_dir: str = "snpo-merged"
-    dtype: str = "reference"  # or float32, float16, bfloat16
+    reference: str = ""  # the frozen reference (full weights)
+    positive: str = ""  # the positively aligned model (e.g. a dpo run)
+    npo: str = ""  # the model trained on reversed preferences (`method: npo-negative`)
+    negative: str | None = field(default=None, metadata={"alias_of": "npo"})
+    a: float = 1.0  # weight of theta_pos - theta_ref
+    b: float = 1.0  # weight of theta_npo - theta_ref
+    output_dir: str = "snpo-merged"  # where unet/ is written
+    dtype: str = "reference"  # reference | fp32 | fp16 | bf16
     copy_pipeline: bool = False  # copy the reference's other components (text encoder, ...)
 
+    def __post_init__(self) -> None:
+        self.notes: list[str] = []
+        if self.negative is not None:
+            self.npo, self.negative = self.negative, None
+            self.notes.append("negative: read as npo (the model trained on reversed preferences)")
+        if isinstance(self.dtype, str):
+            self.dtype = DTYPE_SPELLINGS.get(self.dtype, self.dtype)
+
     def validate(self) -> None:
-        for name in ("reference", "positive", "negative"):
+        for name in ("reference", "positive", "npo"):
             if not getattr(self, name):
                 raise ConfigError(f"{name}: required (a model folder, unet folder or LoRA)")
         for name in ("a", "b"):
@@ -406,11 +417,11 @@ def run_merge(config: MergeConfig) -> Path:
         )
     reference = load_weights(config.reference)
     positive = load_weights(config.positive)
-    negative = load_weights(config.negative)
-    merged = merge_weights(reference, positive, negative, config.a, config.b)
+    npo = load_weights(config.npo)
+    merged = merge_weights(reference, positive, npo, config.a, config.b)
     if config.dtype != "reference":
         merged = {
-            k: v.to(DTYPES[config.dtype]) if v.is_floating_point() else v for k, v in merged.items()
+            k: v.to(torch_dtype(config.dtype)) if v.is_floating_point() else v for k, v in merged.items()
         }
 
     out = Path(config.output_dir)
@@ -436,9 +447,9 @@ def run_merge(config: MergeConfig) -> Path:
         "b": config.b,
         "reference": str(config.reference),
         "positive": str(config.positive),
-        "negative": str(config.negative),
+        "npo": str(config.npo),
         "positive_kind": "lora" if isinstance(positive, LoraWeights) else "full",
-        "negative_kind": "lora" if isinstance(negative, LoraWeights) else "full",
+        "npo_kind": "lora" if isinstance(npo, LoraWeights) else "full",
     }
     (out / "merge_info.json").write_text(json.dumps(info, indent=2))
     return out

@@ -6,7 +6,7 @@ flow-matching sampler.
   (``prediction_type = "flow_prediction"``, diffusers' name for it). The per-sample error is
   the plain mean over latent elements (``per_sample_mse``), so the objectives are unchanged.
   The SD3 script's default ``precondition_outputs=1`` (x0 target, i.e. the same loss times
-  sigma^2) and its ``sigma_sqrt``/``cosmap`` loss weightings are NOT used: METHOD.md fixes
+  sigma^2) and its ``sigma_sqrt``/``cosmap`` loss weightings are NOT used: docs/method.md fixes
   the target as ``eps - x0`` with an unweighted mean.
 - Sigma sampling, as ``train_dreambooth_lora_sd3.py`` / ``train_dreambooth_lora_flux.py``:
   ``u`` from ``compute_density_for_timestep_sampling``'s formulas (uniform, logit-normal or

@@ -59,32 +59,45 @@ QUICK_OVERRIDES: dict[str, Any] = {
 }
 
 
+def variant(name: str) -> dict[str, Any]:
+    """The configuration ``name``: one of :data:`VARIANTS`, or any registered method (trained
+    from the cache, LoRA, like ``snpo``), so a new method is benchmarked with no edit here."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    from snpo.methods import METHODS
+
+    if name in METHODS:
+        return {"method": name, "about": METHODS[name].summary or f"method {name}"}
+    raise ConfigError(f"variants: unknown {name!r}; known: {', '.join(VARIANTS)} or a method "
+                      f"({', '.join(METHODS)})")
+
+
 @dataclass
 class BenchConfig:
     """``snpo bench``: pairs per second, peak memory and per-phase times per configuration."""
 
     arch: str = "sd15"  # tiny | sd15 | sdxl (random-init copies of the real architectures)
-    resolution: int = 128
+    resolution: int = 128  # image side in pixels
     batch_size: int = 2  # pairs per step
-    lora_rank: int = 8
+    lora_rank: int = 8  # LoRA rank of the LoRA configurations
     mixed_precision: str = "no"  # no | fp16 | bf16
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 1  # torch threads per configuration on CPU (OMP_NUM_THREADS); 0 = torch's choice
-    beta: float = 2000.0
+    beta: float = 2000.0  # beta of every objective
     warmup_steps: int = 1  # per configuration, not timed (the first one also counts FLOPs)
     measure_steps: int = 2  # timed steps per configuration and round
     rounds: int = 1  # the plan is run this many times, interleaved; medians over all rounds
     variants: list[str] = field(default_factory=list)  # empty = the default plan
-    skip: list[str] = field(default_factory=list)
+    skip: list[str] = field(default_factory=list)  # configurations to leave out
     compile: str = "auto"  # snpo-compile: auto (tiny only: CPU compile of SD-size UNets takes many minutes) | always | never
     full_finetune: str = "auto"  # snpo-full: auto (only if memory allows) | always | never
-    count_flops: bool = True
+    count_flops: bool = True  # count FLOPs in the first warm-up step (torch's FlopCounterMode)
     isolate: bool = True  # one fresh process per configuration (needed for CPU peak memory)
     timeout_s: int = 3600  # per configuration
-    output_dir: str = "snpo-bench"
+    output_dir: str = "snpo-bench"  # results.json and results.md
     work_dir: str | None = None  # models and data, reused across runs; default $SNPO_CACHE/bench
     quick: bool = False  # tiny architecture, one process, seconds (QUICK_OVERRIDES)
-    seed: int = 0
+    seed: int = 0  # model init, data and training seed
 
     def validate(self) -> None:
         from snpo.bench.assets import ARCHS
@@ -96,7 +109,7 @@ class BenchConfig:
         ]
         for name, value, allowed in choices:
             if value not in allowed:
-                raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+                raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
         checks = [
             ("resolution", self.resolution >= 16 and self.resolution % 8 == 0, "a multiple of 8, >= 16"),
             ("batch_size", self.batch_size >= 1, "an integer >= 1"),
@@ -108,10 +121,9 @@ class BenchConfig:
         ]
         for name, ok, allowed in checks:
             if not ok:
-                raise ValueError(f"{name}: expected {allowed}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name}: expected {allowed}, got {getattr(self, name)!r}")
         for name in [*self.variants, *self.skip]:
-            if name not in VARIANTS:
-                raise ConfigError(f"variants: unknown {name!r}; known: {', '.join(VARIANTS)}")
+            variant(name)  # a known configuration, or any registered method
 
     def plan(self) -> list[str]:
         names = list(self.variants) or list(DEFAULT_PLAN)

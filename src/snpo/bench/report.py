@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from snpo.bench.config import VARIANTS
+from snpo.bench.config import variant
 from snpo.bench.timing import PHASES
 
 GiB = 2**30
@@ -65,8 +65,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         if not ok:
             continue
         measured = [s for r in ok for s in r["steps"][warmup:]]
-        if VARIANTS[name].get("method") == "objectives":
-            for objective in VARIANTS[name]["objectives"]:
+        if variant(name).get("method") == "objectives":
+            for objective in variant(name)["objectives"]:
                 entry = _entry([s for s in measured if s.get("label") == objective], ok, batch)
                 if entry:
                     entry["flops_per_step"] = None if objective != "dpo" else entry["flops_per_step"]

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from snpo.bench.config import QUICK_OVERRIDES, VARIANTS, BenchConfig
+from snpo.bench.config import QUICK_OVERRIDES, BenchConfig, variant
 from snpo.bench.timing import PHASES
 
 GiB = 2**30
@@ -116,7 +116,7 @@ def _say(message: str) -> None:
 
 def variant_spec(name: str, config: BenchConfig, assets: dict[str, Any], out: Path, round_: int) -> dict[str, Any]:
     """The worker spec of configuration ``name``."""
-    v = VARIANTS[name]
+    v = variant(name)
     measure = config.measure_steps
     if v.get("method") == "objectives":
         measure *= len(v["objectives"])

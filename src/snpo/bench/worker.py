@@ -121,12 +121,13 @@ def bench_train_config(spec: dict[str, Any]) -> Any:
 
     store_dir = spec.get("reference_errors_dir")
     method = spec.get("method", "snpo")
+    optional = {k: spec[k] for k in ("cfg_dropout",) if k in spec}  # else TrainConfig's default
     return TrainConfig(
         model_name_or_path=spec["model"], dataset_name=spec["dataset"],
         cache_dir=spec["cache_dir"] if spec.get("cached", True) else None,
         output_dir=spec["output_dir"], resolution=spec["resolution"],
         method="dpo" if method == "objectives" else method,
-        beta=spec["beta"], cfg_dropout=spec.get("cfg_dropout", 0.1),
+        beta=spec["beta"],
         max_steps=spec["warmup_steps"] + spec["measure_steps"],
         per_device_train_batch_size=spec["batch_size"], learning_rate=1e-6,
         lr_scheduler="constant", lora_rank=spec["lora_rank"],
@@ -134,7 +135,7 @@ def bench_train_config(spec: dict[str, Any]) -> Any:
         seed=spec["seed"], channels_last=spec.get("channels_last", False),
         torch_compile=spec.get("torch_compile", False),
         adam_implementation=spec.get("optimizer", "fused"),
-        precompute_reference=bool(store_dir), reference_errors_dir=store_dir,
+        precompute_reference=bool(store_dir), reference_errors_dir=store_dir, **optional,
     )
 
 

@@ -64,9 +64,9 @@ class ReportConfig:
     names: list[str] | None = None  # one per run; default: the folders' names
     baseline: str | None = None  # a run's name (or folder); default: the first run
     metrics: list[str] | None = None  # default: every scorer all runs have, paper order first
-    output_dir: str = "snpo-report"
-    grid_prompts: int = 6
-    grid_seeds: int = 1
+    output_dir: str = "snpo-report"  # report.md, results.csv, samples.png
+    grid_prompts: int = 6  # prompts (rows) in samples.png
+    grid_seeds: int = 1  # seeds per prompt in samples.png
     grid_cell: int = 128  # pixels per image in samples.png
 
     def validate(self) -> None:

@@ -66,36 +66,35 @@ MAX_SEED = 2**63 - 1
 class SampleConfig:
     """Settings of ``snpo sample`` (YAML keys or ``--key value``); see the module docstring."""
 
-    model_name_or_path: str = ""
-    lora: str | None = None
+    model_name_or_path: str = ""  # base pipeline folder or hub id (SD1.5, SDXL, SD3, FLUX), or a snpo toy folder
+    lora: str | None = None  # a LoRA (a `snpo train` output folder or .safetensors), fused into the weights
     lora_scale: float | None = None  # None: the adapter's own lora_alpha / r
-    unet: str | None = None
-    npo_negative: str | None = None
-    npo_merge: bool = True
-    npo_merge_a: float = 1.0
-    npo_merge_b: float = 1.0
-    chats: str | None = None
+    unet: str | None = None  # full fine-tuned denoiser weights (a training output, a unet folder or a file)
+    npo_negative: str | None = None  # Diff-NPO: the network trained on reversed labels, used on the null branch
+    npo_merge: bool = True  # merge npo_negative with the reference and the positive model, as Diff-NPO does
+    npo_merge_a: float = 1.0  # merge weight of theta_pos - theta_ref (public code: 1)
+    npo_merge_b: float = 1.0  # merge weight of theta_npo - theta_ref (public code: 1)
+    chats: str | None = None  # a CHATS output folder (win/ and lose/), sampled with its proxy-prompt guide
     chats_guidance_scale: float | None = None  # None: guidance_scale - 1
-    chats_proxy_alpha: float = 0.5
+    chats_proxy_alpha: float = 0.5  # CHATS proxy prompt (1 + a) null - a c
     method: str | None = None  # whose guide samples; None: chats -> chats, npo_negative -> npo-negative, else plain CFG
-    # another VAE folder or hub id (e.g. an fp16-safe SDXL VAE), as `snpo train` names it
-    pretrained_vae_model_name_or_path: str | None = None
+    pretrained_vae_model_name_or_path: str | None = None  # another VAE folder or hub id (e.g. an fp16-safe SDXL VAE)
     vae: str | None = field(default=None, metadata={"alias_of": "pretrained_vae_model_name_or_path"})
-    revision: str | None = None
-    prompts: str = ""
-    prompts_format: str = "auto"
+    revision: str | None = None  # git revision of a hub model
+    prompts: str = ""  # a .txt (one per line), HPDv2 .json, PartiPrompts .tsv or Pick-a-Pic parquet
+    prompts_format: str = "auto"  # auto | the reader to use for prompts
     prompts_split: str | None = None  # Pick-a-Pic: train, validation, test, test_unique, ...
     max_prompts: int | None = None  # the first N prompts of the set
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    scheduler: str = "ddim"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # one image per prompt per seed
+    num_inference_steps: int = 50  # denoising steps (the paper: 50)
+    guidance_scale: float = 7.5  # CFG scale (the paper: 7.5)
+    scheduler: str = "ddim"  # ddim | ddpm | pndm | euler | euler_a | dpm++ | unipc | a diffusers class name
     resolution: int | None = None  # None: the model's own (SD1.5 512, SDXL 1024)
-    batch_size: int = 8
-    output_dir: str = "snpo-samples"
+    batch_size: int = 8  # prompts per forward
+    output_dir: str = "snpo-samples"  # images/, manifest.jsonl, sample_settings.json
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "fp32"  # fp32 | fp16 | bf16 (float32 / float16 / bfloat16 accepted)
-    show_progress: bool = True
+    show_progress: bool = True  # progress bars
 
     def __post_init__(self) -> None:
         self.notes: list[str] = []

@@ -56,22 +56,22 @@ def config_key(flag: str) -> str:
 class ScoreConfig:
     """Settings of ``snpo score``; weight paths are local files/folders or cached hub ids."""
 
-    samples: list[str] = field(default_factory=list)
-    scorers: list[str] = field(default_factory=lambda: list(PAPER_SCORERS))
-    pickscore: str | None = None
-    pickscore_processor: str | None = None
-    hpsv2: str | None = None
-    hpsv2_1: str | None = None
-    hps_tokenizer: str | None = None
-    aesthetic: str | None = None
-    aesthetic_clip: str | None = None
-    clip_score: str | None = None
-    image_reward: str | None = None
-    image_reward_tokenizer: str | None = None
-    device: str = "auto"
+    samples: list[str] = field(default_factory=list)  # `snpo sample` folders to score
+    scorers: list[str] = field(default_factory=lambda: list(PAPER_SCORERS))  # hpsv2, hpsv2.1, pickscore, aesthetic, image_reward, clip_score
+    pickscore: str | None = None  # PickScore_v1 model folder or hub id
+    pickscore_processor: str | None = None  # CLIP-ViT-H-14 processor folder (its tokenizer and image processor)
+    hpsv2: str | None = None  # HPS_v2_compressed.pt (or .safetensors)
+    hpsv2_1: str | None = None  # HPS_v2.1_compressed.pt (or .safetensors)
+    hps_tokenizer: str | None = None  # CLIP BPE vocabulary: bpe_simple_vocab_16e6.txt.gz or a CLIP tokenizer folder
+    aesthetic: str | None = None  # sac+logos+ava1-l14-linearMSE.pth (the LAION aesthetic MLP)
+    aesthetic_clip: str | None = None  # clip-vit-large-patch14 folder (the embedding the MLP reads)
+    clip_score: str | None = None  # CLIP model folder for CLIP score (default clip-vit-large-patch14)
+    image_reward: str | None = None  # ImageReward.pt (and med_config.json beside it)
+    image_reward_tokenizer: str | None = None  # bert-base-uncased tokenizer folder
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "fp32"  # fp32 | fp16 | bf16 (float32 / float16 / bfloat16 accepted)
-    batch_size: int = 16
-    show_progress: bool = True
+    batch_size: int = 16  # images per scorer forward
+    show_progress: bool = True  # progress bars
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str):

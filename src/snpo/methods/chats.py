@@ -2,7 +2,7 @@
 to the rejected ones, trained jointly against the frozen reference, and sampled with a
 proxy prompt for the lose network.
 
-Training (METHOD.md; CHATS' ``train.py``). For each pair, ONE noise and ONE timestep shared by
+Training (docs/method.md; CHATS' ``train.py``). For each pair, ONE noise and ONE timestep shared by
 both images (drawn from the pair's seed exactly as the single-network methods draw them, so
 all methods see the same noise); ``win`` sees the chosen image with the prompt, ``lose`` the
 rejected image with the prompt replaced by ZEROS with probability ``lose_prompt_dropout``
@@ -10,7 +10,7 @@ rejected image with the prompt replaced by ZEROS with probability ``lose_prompt_
 
     z = -(beta/2) * ((e_win[w] - e_ref[w]) + (e_lose[l] - e_ref[l]))   (snpo.objectives.chats)
 
-Choices where METHOD.md is silent, each following CHATS' code:
+Choices where docs/method.md is silent, each following CHATS' code:
 - "zeros" means literal zeros (``torch.zeros_like``) for every condition entry but the SDXL
   micro-conditioning ``time_ids`` (image size and crop, not prompt information); CHATS
   zeroes ``prompt_embeds`` and the pooled ``text_embeds``.

@@ -10,7 +10,7 @@ paper's name, ``method: npo-negative``.
    trainer. Its logged ``rewards/chosen`` etc. are by the REVERSED labels (``chosen`` = the
    image people rejected).
 
-   METHOD.md trains the NPO model on the conditional branch, and the public Diff-NPO script
+   docs/method.md trains the NPO model on the conditional branch, and the public Diff-NPO script
    (``DPO-DPO-NPO/train_sd15.py``, which reverses the labels when building each pair) never
    drops the prompt: the presets set ``cfg_dropout: 0``. With ``cfg_dropout = p > 0`` a
    fraction p of the pairs trains the null branch on the same reversed labels (no swap: the
@@ -122,7 +122,7 @@ def _usage(ctx: UsageContext) -> str:
             f"snpo sample --model_name_or_path {ctx.base} --lora POSITIVE_RUN "
             f"--npo_negative {ctx.output_dir} --prompts PROMPTS.txt\n"
             f"# the merged weights themselves:\n"
-            f"snpo merge --reference {ctx.base} --positive POSITIVE_RUN --negative {ctx.output_dir}")
+            f"snpo merge --reference {ctx.base} --positive POSITIVE_RUN --npo {ctx.output_dir}")
 
 
 NPO_NEGATIVE = MethodSpec(

@@ -9,7 +9,7 @@ on the rejected one, with ONE noise and ONE timestep per pair. From four per-pai
     ref_err_chosen      e_ref[w]    frozen reference, same inputs      (no gradient)
     ref_err_rejected    e_ref[l]
 
-the per-pair logit (METHOD.md; Diffusion-DPO's beta convention, so CHATS' own
+the per-pair logit (docs/method.md; Diffusion-DPO's beta convention, so CHATS' own
 ``beta_dpo = 1000`` with no 1/2 is ``beta = 2000`` here) is::
 
     z = -(beta / 2) * ((e_win[w] - e_ref[w]) + (e_lose[l] - e_ref[l]))
@@ -17,7 +17,7 @@ the per-pair logit (METHOD.md; Diffusion-DPO's beta convention, so CHATS' own
 
 and the loss is ``-logsigmoid(z).mean()``. Note the PLUS: unlike DPO, raising ``z`` LOWERS
 the lose model's error on the rejected image, i.e. the lose model is trained to FIT the
-dis-preferred distribution (it is the "negative" model of the CFG-like sampler).
+dis-preferred distribution (it plays the null branch of the CFG-like sampler).
 """
 
 from __future__ import annotations

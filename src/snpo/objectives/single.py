@@ -1,4 +1,4 @@
-"""The paper's single-network objectives (METHOD.md, docs/method.md)::
+"""The paper's single-network objectives (docs/method.md)::
 
     objective    z                    swap roles on the null branch
     dpo          l[w] - l[l]          no

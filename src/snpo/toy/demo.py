@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -64,41 +64,40 @@ class RunSpec:
 class DemoConfig:
     """Settings of ``snpo demo``; ``--quick`` shrinks every size (``quick_overrides``)."""
 
-    output_dir: str = "snpo-demo"
-    cache_dir: str | None = None
-    seed: int = 0
+    output_dir: str = "snpo-demo"  # report.md, results.csv/json, curves, sample grids
+    cache_dir: str | None = None  # where the pretrained reference and pairs are cached; null = $SNPO_CACHE or ~/.cache/snpo/toy
+    seed: int = 0  # the world: reference pretraining, pairs, labels, training and evaluation seeds
     # the toy world (see ToyWorldConfig)
-    pretrain_steps: int = 2500
-    pretrain_images: int = 24_000
-    pairs_per_prompt: int = 16
-    heldout_prompts: int = 24
-    heldout_pairs_per_prompt: int = 4
-    pair_sampling_steps: int = 20
-    label_temperature: float = 0.03
+    pretrain_steps: int = 2500  # denoising steps of the reference's pretraining
+    pretrain_images: int = 24_000  # web-like pretraining images
+    pairs_per_prompt: int = 16  # preference pairs per training prompt
+    heldout_prompts: int = 24  # prompts never trained on (evaluation)
+    heldout_pairs_per_prompt: int = 4  # held-out pairs per held-out prompt (implicit accuracy)
+    pair_sampling_steps: int = 20  # DDIM steps when sampling the pairs' images
+    label_temperature: float = 0.03  # Bradley-Terry noise of the label judge (0 = noiseless labels)
     # alignment (the same for every method)
-    train_steps: int = 300
-    batch_size: int = 16
+    train_steps: int = 300  # optimizer steps of every method
+    batch_size: int = 16  # pairs per step
     learning_rate: float = 1e-5  # chosen on the DPO baseline (docs/toy.md)
     beta: float = 100.0  # chosen on the DPO baseline (docs/toy.md)
-    mix_lambda: float = 0.9
-    cfg_dropout: float = 0.1
-    methods: tuple[str, ...] = ("sft", "dpo", "bdpo", "snpo-naive", "snpo")
+    mix_lambda: float = 0.9  # lambda of bdpo and snpo
+    cfg_dropout: float = 0.1  # p of every single-network method (null-branch share)
+    methods: tuple[str, ...] = ("sft", "dpo", "bdpo", "snpo-naive", "snpo")  # the single-network methods compared
     lambda_sweep: tuple[float, ...] = (0.5, 0.99)  # with mix_lambda (0.9) and snpo-naive (1.0)
     cfg_dropout_ablation: tuple[float, ...] = (0.5,)  # snpo and dpo again at each of these p
-    mix_scale_ablation: bool = True
+    mix_scale_ablation: bool = True  # snpo again with mix_scale 1 (the raw-MSE reading of the bound)
     dual_baselines: bool = True  # Diff-NPO (before and after merging) and CHATS
-    npo_merge_a: float = 1.0  # theta_neg = ref + a (pos - ref) + b (npo - ref); public code: b = 1
-    npo_merge_b: float = 1.0
+    npo_merge_a: float = 1.0  # merged NPO = ref + a (pos - ref) + b (npo - ref); public code: a = b = 1
+    npo_merge_b: float = 1.0  # see npo_merge_a
     chats_guidance_scale: float | None = None  # None: guidance_scale - 1 (same extrapolation as CFG)
     # evaluation
-    eval_seeds: int = 4
+    eval_seeds: int = 4  # sampling seeds per held-out prompt
     eval_prompts: int | None = None  # None = every held-out prompt
-    sampling_steps: int = 50
-    guidance_scale: float = 7.5
-    implicit_draws: int = 8
-    grid_prompts: int = 8
-    show_progress: bool = True
-    extra: dict = field(default_factory=dict)
+    sampling_steps: int = 50  # DDIM steps of the evaluation samples (the paper: 50)
+    guidance_scale: float = 7.5  # CFG scale of the evaluation samples (the paper: 7.5)
+    implicit_draws: int = 8  # (t, noise) draws per held-out pair for implicit accuracy
+    grid_prompts: int = 8  # prompts in the sample grids
+    show_progress: bool = True  # progress bars
 
     def validate(self) -> None:
         ObjectiveConfig("snpo", self.beta, self.mix_lambda, None)

@@ -30,56 +30,56 @@ class TrainConfig:
     """Configuration of one preference-alignment run (any registered method)."""
 
     # model and data
-    model_name_or_path: str = ""  # a diffusers pipeline folder or hub id
-    pretrained_vae_model_name_or_path: str | None = None  # e.g. an fp16-safe SDXL VAE
-    revision: str | None = None
+    model_name_or_path: str = ""  # a diffusers pipeline folder or hub id (SD1.5, SDXL, SD3, FLUX, toy)
+    pretrained_vae_model_name_or_path: str | None = None  # another VAE, e.g. an fp16-safe SDXL VAE
+    revision: str | None = None  # git revision of a hub model
     variant: str | None = None  # e.g. "fp16" weight files
-    dataset_name: str = ""
-    dataset_split: str | None = None
-    output_dir: str = "snpo-output"
+    dataset_name: str = ""  # Pick-a-Pic parquet folder/glob, HF dataset (hub id or folder), JSONL/CSV
+    dataset_split: str | None = None  # e.g. train; null = the source's default
+    output_dir: str = "snpo-output"  # weights, model card, metrics.jsonl, logs and checkpoints/
     cache_dir: str | None = None  # a latent/text cache written by `snpo cache`
     cache_shard_size: int = 512  # pairs per cache shard file
     cache_batch_size: int = 8  # pairs encoded at once by `snpo cache`
-    max_train_samples: int | None = None
-    drop_ties: bool = True
+    max_train_samples: int | None = None  # use only the first N usable pairs
+    drop_ties: bool = True  # drop pairs labelled as ties (as the original Diffusion-DPO code)
     max_caption_chars: int | None = 2000  # longer captions are skipped as overlong_caption
-    resolution: int = 512
-    center_crop: bool = True
-    random_flip: bool = True
-    dataloader_num_workers: int = 0
+    resolution: int = 512  # training image side in pixels (multiple of 8)
+    center_crop: bool = True  # center crop (true) or random crop (false), the same for both images
+    random_flip: bool = True  # flip both images of a pair together, with probability 1/2
+    dataloader_num_workers: int = 0  # DataLoader worker processes
 
     # method and objective
     method: str = "snpo"  # sft | dpo | bdpo | snpo-naive | snpo | npo-negative | chats (snpo.methods)
     # older configs: `objective: X` (with `method: single`) means `method: X`
     objective: str | None = field(default=None, metadata={"alias_of": "method"})
-    beta: float = 2000.0
-    mix_lambda: float = 0.9
-    mix_scale: float | None = None
-    cfg_dropout: float = 0.1
+    beta: float = 2000.0  # KL strength, Diffusion-DPO convention (logit = beta/2 * error gap; SDXL 5000)
+    mix_lambda: float = 0.9  # bdpo/snpo: weight of the policy in the loser's mixture (1 = unbounded)
+    mix_scale: float | None = None  # bdpo/snpo: likelihood scale k of the bound; null = beta/2
+    cfg_dropout: float = 0.2  # p: share of pairs on the null branch (prompt dropped; snpo: roles swap)
     chats_lose_prompt_dropout: float = 0.5  # CHATS: share of pairs whose lose prompt is blanked
 
     # optimisation
-    max_steps: int = 2000
-    per_device_train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-8
-    scale_lr: bool = False
-    lr_scheduler: str = "constant_with_warmup"
-    lr_warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    max_nonfinite_steps: int = 5
+    max_steps: int = 2000  # optimizer steps
+    per_device_train_batch_size: int = 1  # pairs per process per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 1e-8  # per-step rate, or per-pair rate with scale_lr
+    scale_lr: bool = False  # multiply learning_rate by batch x accumulation x processes (Diffusion-DPO)
+    lr_scheduler: str = "constant_with_warmup"  # constant | constant_with_warmup | linear | cosine | ...
+    lr_warmup_steps: int = 0  # warm-up steps of the schedule
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    adam_weight_decay: float = 1e-2  # AdamW decoupled weight decay
+    adam_epsilon: float = 1e-8  # AdamW epsilon
+    max_grad_norm: float = 1.0  # clip the gradient norm to this; 0 = no clipping
+    max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite steps (each is skipped)
     adam_implementation: str = "fused"  # fused | foreach | forloop (fused falls back where absent)
 
     # model mode and precision
-    lora_rank: int = 0
-    mixed_precision: str = "no"
+    lora_rank: int = 0  # LoRA rank on the attention projections; 0 = full fine-tune (frozen copy as reference)
+    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate's)
     upcast_vae: bool | None = None  # VAE in float32 under mixed precision; null = the family's rule
-    gradient_checkpointing: bool = False
-    allow_tf32: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    allow_tf32: bool = False  # TF32 matmuls on Ampere+ GPUs
 
     # speed options, all opt-in (measured side by side in BENCHMARKS.md)
     channels_last: bool = False  # NHWC denoiser weights and inputs
@@ -88,13 +88,13 @@ class TrainConfig:
     reference_errors_dir: str | None = None  # where they live; null = <cache_dir>/reference-errors
 
     # checkpoints, logging, reproducibility
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    logging_steps: int = 1
-    report_to: str = "tensorboard"
-    tracker_project_name: str = "snpo"
-    seed: int = 0
+    checkpointing_steps: int = 500  # checkpoint every N steps (and at the end); 0 = never
+    checkpoints_total_limit: int | None = None  # keep only the newest N checkpoints
+    resume_from_checkpoint: str | None = None  # latest, or a checkpoint folder: continue bitwise
+    logging_steps: int = 1  # write metrics every N steps
+    report_to: str = "tensorboard"  # tensorboard | wandb | all | none
+    tracker_project_name: str = "snpo"  # tensorboard/wandb project name
+    seed: int = 0  # data order, LoRA init, and every pair's noise, timestep and branch label
 
     def __post_init__(self) -> None:
         self.notes: list[str] = []  # said once by the CLI (old spellings read as new ones)
