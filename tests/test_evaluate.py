@@ -929,7 +929,7 @@ def test_the_toy_demo_aggregates_with_the_shared_report_code():
     import snpo.evaluate.aggregate as shared
     import snpo.toy.demo_report as toy
 
-    assert toy.win_rate is shared.win_rate
+    assert toy.markdown_table is shared.markdown_table and toy.image_grid is shared.image_grid
     scores = np.random.default_rng(0).normal(size=(4, 7)).astype(np.float32)
     # bit-identical to the toy report's own arithmetic before it moved here
     assert shared.seed_mean_std(scores) == shared.mean_std(scores.mean(axis=1))

@@ -48,7 +48,7 @@ def _demo(args: argparse.Namespace, rest: list[str]) -> int:
     overrides = {**(QUICK_OVERRIDES if args.quick else {}), **parse_overrides(rest)}
     config = load_config(DemoConfig, args.config, overrides)
     out = run_demo(config)
-    print(f"report written to {out / 'report.md'}")
+    print(f"report written to {out / ('calibration.md' if config.calibrate else 'report.md')}")
     return 0
 
 

@@ -96,6 +96,12 @@ class Backbone(ABC):
     def null_condition(self, cond: Condition) -> Condition:
         """The unconditional condition the sampler uses, one row per row of ``cond``."""
 
+    def empty_prompt_condition(self, cond: Condition) -> Condition:
+        """The ENCODED empty prompt (every entry, pooled included), one row per row of ``cond``.
+        The same as :meth:`null_condition` where the sampler feeds the encoded empty prompt
+        (SD1.5, SD3, the toy); SDXL's null is zeros, but CHATS' proxy prompt is built on this."""
+        return self.null_condition(cond)
+
     def preset_null_text(self, null_text: Condition) -> None:  # noqa: B027 (optional hook)
         """Use a stored null condition (one row, from a latent/text cache) instead of running
         the text encoder. Families whose null condition needs no encoder may ignore it."""

@@ -141,6 +141,9 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
             self._null_text = {k: cond[k].detach() for k in self.text_condition_keys}
         return self._null_text
 
+    def empty_prompt_condition(self, cond: Condition) -> Condition:
+        return super().null_condition(cond)  # "" through both encoders, pooled included
+
     def null_condition(self, cond: Condition) -> Condition:
         if not self.force_zeros_for_empty_prompt:
             return super().null_condition(cond)

@@ -160,11 +160,16 @@ class ToyBackbone(Backbone):
         return {"encoder_hidden_states": self.text_encoder(ids).last_hidden_state}
 
     def null_condition(self, cond: Condition) -> Condition:
-        # The empty prompt's embedding, exactly what the sampler feeds the null branch.
-        if self._null_embedding is None or self._null_embedding.device != cond["encoder_hidden_states"].device:
+        # The empty prompt's embedding, exactly what the sampler feeds the null branch. While
+        # the text encoder trains (pretraining), it is encoded afresh each time, with its
+        # gradient: a cached one would train the null branch on the initial encoder's
+        # embedding, which the sampler (with the trained encoder) never feeds.
+        hidden = cond["encoder_hidden_states"]
+        if self.text_encoder.training and torch.is_grad_enabled():
+            return {"encoder_hidden_states": self.encode_prompts([""])["encoder_hidden_states"].expand_as(hidden)}
+        if self._null_embedding is None or self._null_embedding.device != hidden.device:
             with torch.no_grad():
                 self._null_embedding = self.encode_prompts([""])["encoder_hidden_states"].detach()
-        hidden = cond["encoder_hidden_states"]
         return {"encoder_hidden_states": self._null_embedding.to(hidden.dtype).expand_as(hidden)}
 
     def frozen_modules(self) -> dict[str, nn.Module]:

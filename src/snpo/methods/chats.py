@@ -24,9 +24,10 @@ Both networks live in one :class:`DualDenoiser` so accelerate prepares ONE modul
 step is one forward and one backward through the wrapper (calling submodules directly would
 skip DDP's gradient synchronisation).
 
-Sampling (CHATS' ``pipeline.py``), with ``null`` the backbone's null condition::
+Sampling (CHATS' ``pipeline.py``), with ``e`` the ENCODED empty prompt (pooled included; for
+SDXL too, whose CFG null is zeros: ``Backbone.empty_prompt_condition``)::
 
-    proxy = (1 + a) null - a c          (a = 0.5; every entry but time_ids, which stays c's)
+    proxy = (1 + a) e - a c             (a = 0.5; every entry but time_ids, which stays c's)
     eps   = eps_win(x, c) + s * (eps_win(x, c) - eps_lose(x, proxy))
 
 Note ``s`` multiplies ``eps_win - eps_lose`` added ON TOP of ``eps_win``: CHATS' ``s`` acts
@@ -210,13 +211,16 @@ def chats_guide(
     guidance_scale: float,
     proxy_alpha: float = 0.5,
 ) -> Guide:
-    """``eps = eps_win(x, c) + s (eps_win(x, c) - eps_lose(x, (1 + a) null - a c))``."""
+    """``eps = eps_win(x, c) + s (eps_win(x, c) - eps_lose(x, (1 + a) e - a c))`` with ``e`` the
+    ENCODED empty prompt, as CHATS' own SD1.5 and SDXL pipelines build it (pooled embedding
+    included), even for SDXL, whose CFG null (the sampler's ``null``) is zeros."""
 
     def guide(latents: Tensor, t: Tensor, cond: Condition, null: Condition) -> Tensor:
         win = backbone.predict(win_model, latents, t, cond)
         if guidance_scale == 0:
             return win
-        lose = backbone.predict(lose_model, latents, t, proxy_condition(cond, null, proxy_alpha))
+        empty = backbone.empty_prompt_condition(cond)
+        lose = backbone.predict(lose_model, latents, t, proxy_condition(cond, empty, proxy_alpha))
         return win + guidance_scale * (win - lose)
 
     return guide
