@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from snpo.bench.config import DEFAULT_PLAN, VARIANTS, BenchConfig
 from snpo.bench.timing import PHASES
 from snpo.cli import main
@@ -56,10 +58,64 @@ def test_bench_config_plan_and_errors():
     assert "snpo-compile" not in BenchConfig().plan()  # SD-size compiles take many CPU minutes
     assert "snpo-compile" in BenchConfig(arch="tiny").plan()
     assert BenchConfig(variants=["snpo-store-read"]).plan() == ["snpo-store-write", "snpo-store-read"]
-    for bad in (dict(arch="sd3"), dict(variants=["nope"]), dict(measure_steps=0)):
+    assert "reference-script" not in BenchConfig(arch="sd3").plan()  # the diffusers script trains UNets only
+    for bad in (dict(arch="sd4"), dict(arch="sd3", compare_arch="sd3"), dict(variants=["nope"]),
+                dict(measure_steps=0)):
         try:
             BenchConfig(**bad).validate()
         except ValueError as err:
             assert str(err).split(":")[0] in bad
         else:
             raise AssertionError(f"{bad} accepted")
+
+
+def test_bench_flow_arch_next_to_an_sd_arch(tmp_path, monkeypatch):
+    """`snpo bench --arch tiny-sd3 --compare_arch tiny`: the flow architecture's rows, the SD
+    architecture's rows (prefixed) in the same run, the side-by-side table, and the
+    reference script skipped for the flow model with the reason (the real `--arch sd3` is
+    SD3.5 Medium's shapes, BENCHMARKS.md)."""
+    monkeypatch.setenv("SNPO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench"
+    assert main(["bench", "--arch", "tiny-sd3", "--compare_arch", "tiny", "--variants",
+                 "reference-script,dpo,snpo", "--resolution", "32", "--warmup_steps", "0",
+                 "--measure_steps", "1", "--isolate", "false", "--compile", "never", "--count_flops", "false",
+                 "--output_dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    summary = results["summary"]
+    assert summary["failures"] == {}
+    assert set(summary["variants"]) == {"dpo", "snpo", "tiny/reference-script", "tiny/dpo", "tiny/snpo"}
+    assert "UNets only" in results["skipped"]["reference-script"]
+    assert [a["configuration"] for a in summary["archs"]] == ["dpo", "snpo"]
+    assert all(a["step_ratio"] > 0 and a["peak_ratio"] > 0 for a in summary["archs"])
+    assert results["compare"]["arch"] == "tiny" and results["compare"]["cache"]["num_pairs"] > 0
+    assert summary["variants"]["snpo"]["parameters"]["denoiser"] != summary["variants"]["tiny/snpo"]["parameters"]["denoiser"]
+    md = (out / "results.md").read_text()
+    assert "| configuration | tiny-sd3 pairs/s | tiny pairs/s |" in md
+
+
+def test_sd3_bench_arch_is_sd35_medium():
+    """The `sd3` bench architecture has SD3.5 Medium's transformer: 24 blocks (13 with dual
+    attention), 2.24B parameters (counted on the meta device; nothing is built)."""
+    from diffusers import SD3Transformer2DModel
+
+    from snpo.bench.assets import sd3_transformer_config
+
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel(**sd3_transformer_config("sd3"))
+    n = sum(p.numel() for p in transformer.parameters())
+    assert transformer.config.num_layers == 24 and len(transformer.config.dual_attention_layers) == 13
+    assert 2.2e9 < n < 2.6e9, n
+
+
+def test_isolated_worker_files_of_compare_arch_rows(tmp_path, monkeypatch):
+    """A `compare_arch` row ("sd15/dpo") names its worker's spec file without a folder."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from snpo.bench.runner import Launcher
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or SimpleNamespace(returncode=1, stderr=""))
+    result = Launcher(BenchConfig(), tmp_path)({"kind": "snpo", "name": "sd15/dpo"})
+    assert (tmp_path / "spec-001-sd15_dpo.json").is_file() and calls
+    assert not result["ok"] and result["name"] == "sd15/dpo"

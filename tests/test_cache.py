@@ -1,6 +1,7 @@
 """The latent/text cache: a cached run does no encoder work and trains the same weights as an
 uncached one; a stale or incomplete cache is refused in one line; an interrupted ``snpo cache``
-resumes where it stopped; SDXL's per-image time_ids survive caching."""
+resumes where it stopped; SDXL's per-image time_ids survive caching. The first two hold for
+SD3 (three text encoders, T5 settings in the fingerprint) as for SD1.5."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
 import snpo.data.cache as cache_module
 from fixtures_data import encode, make_pickapic_parquet
@@ -27,12 +28,27 @@ from snpo.data.cache import CacheError, collate_cached, open_cache, read_manifes
 from snpo.training.config import TrainConfig
 from snpo.training.fingerprints import cache_fingerprint_for
 from snpo.training.run import run_cache, run_train
-from tiny_pipelines import RESOLUTION, make_sd15, make_sdxl
+from tiny_pipelines import RESOLUTION, make_sd3, make_sd15, make_sdxl
+
+FAMILIES = ["sd15", "sd3"]
+MAKERS = {"sd15": make_sd15, "sd3": make_sd3}
+FAMILY_OVERRIDES = {"sd15": {}, "sd3": {"max_sequence_length": 24}}  # a short T5: only speed
 
 
 @pytest.fixture(scope="module")
 def sd_model(tmp_path_factory):
     return make_sd15(tmp_path_factory.mktemp("sd") / "model")
+
+
+@pytest.fixture(scope="module")
+def sd3_model(tmp_path_factory):
+    return make_sd3(tmp_path_factory.mktemp("sd3") / "model")
+
+
+@pytest.fixture
+def family_model(request, family):
+    """The tiny model of the test's ``family`` parameter."""
+    return request.getfixturevalue({"sd15": "sd_model", "sd3": "sd3_model"}[family])
 
 
 def config(model, data, out, **overrides) -> TrainConfig:
@@ -51,7 +67,8 @@ class EncoderCalls:
 
     def __init__(self, monkeypatch) -> None:
         self.calls = 0
-        for cls, name in ((AutoencoderKL, "encode"), (AutoencoderKL, "decode"), (CLIPTextModel, "forward")):
+        for cls, name in ((AutoencoderKL, "encode"), (AutoencoderKL, "decode"), (CLIPTextModel, "forward"),
+                          (CLIPTextModelWithProjection, "forward"), (T5EncoderModel, "forward")):
             original = getattr(cls, name)
 
             def counted(*args, _original=original, **kwargs):
@@ -75,13 +92,15 @@ def make_textured_pickapic(path, n: int) -> None:
     pq.write_table(pa.table(rows), path)
 
 
-def test_cached_training_does_no_encoder_work_and_matches_uncached(tmp_path, sd_model, monkeypatch):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_training_does_no_encoder_work_and_matches_uncached(tmp_path, family, family_model, monkeypatch):
+    sd_model, extra = family_model, FAMILY_OVERRIDES[family]
     data = tmp_path / "train.parquet"
     make_textured_pickapic(data, 8)
     cache_dir = tmp_path / "cache"
     assert main(["cache", *sum(([f"--{k}", str(v)] for k, v in {
         "model_name_or_path": sd_model, "dataset_name": data, "cache_dir": cache_dir,
-        "resolution": RESOLUTION, "random_flip": "true", "cache_shard_size": 4, "cache_batch_size": 3,
+        "resolution": RESOLUTION, "random_flip": "true", "cache_shard_size": 4, "cache_batch_size": 3, **extra,
     }.items()), [])]) == 0
     manifest = read_manifest(cache_dir)
     assert manifest["complete"] and manifest["num_pairs"] == 8 and len(manifest["shards"]) == 2
@@ -90,9 +109,10 @@ def test_cached_training_does_no_encoder_work_and_matches_uncached(tmp_path, sd_
     assert shard["chosen_latents_flipped"].shape == shard["chosen_latents"].shape == (4, 4, 8, 8)
     assert shard["text.encoder_hidden_states"].shape[0] == 3  # prompts stored once per shard
 
-    plain = run_train(config(sd_model, data, tmp_path / "plain"), show_progress=False)
+    plain = run_train(config(sd_model, data, tmp_path / "plain", **extra), show_progress=False)
     counter = EncoderCalls(monkeypatch)
-    cached = run_train(config(sd_model, data, tmp_path / "cached", cache_dir=str(cache_dir)), show_progress=False)
+    cached = run_train(config(sd_model, data, tmp_path / "cached", cache_dir=str(cache_dir), **extra),
+                       show_progress=False)
     assert counter.calls == 0  # no VAE, no text encoder: not even for the null condition
     assert plain.global_step == cached.global_step == 3
     # same pairs, same order, same flips, same noise: the same LoRA weights
@@ -103,16 +123,19 @@ def test_cached_training_does_no_encoder_work_and_matches_uncached(tmp_path, sd_
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3)
     assert [h["loss"] for h in plain.history] == pytest.approx([h["loss"] for h in cached.history], abs=1e-4)
     # control: the same run without its flips is far outside that tolerance
-    run_train(config(sd_model, data, tmp_path / "noflip", random_flip=False), show_progress=False)
+    run_train(config(sd_model, data, tmp_path / "noflip", random_flip=False, **extra), show_progress=False)
     c = load_file(tmp_path / "noflip" / "pytorch_lora_weights.safetensors")
     assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-3
 
 
-def test_stale_incomplete_or_missing_cache_is_refused_in_one_line(tmp_path, sd_model, capsys, monkeypatch):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stale_incomplete_or_missing_cache_is_refused_in_one_line(tmp_path, family, family_model, capsys,
+                                                                  monkeypatch):
+    sd_model = family_model
     data = tmp_path / "train.parquet"
     make_pickapic_parquet(data, 10, with_ties=False)
     cache_dir = tmp_path / "cache"
-    base = config(sd_model, data, tmp_path / "out", cache_dir=str(cache_dir))
+    base = config(sd_model, data, tmp_path / "out", cache_dir=str(cache_dir), **FAMILY_OVERRIDES[family])
     with pytest.raises(CacheError, match="no cache"):
         run_train(base)
 
@@ -130,9 +153,13 @@ def test_stale_incomplete_or_missing_cache_is_refused_in_one_line(tmp_path, sd_m
         run_train(base)
 
     run_cache(base, show_progress=False)
-    for change, expected in [({"resolution": 24}, "transform.resolution: cache has 16, this run has 24"),
-                             ({"random_flip": False}, "transform.random_flip"),
-                             ({"model_name_or_path": str(make_sd15(tmp_path / "other", seed=1))}, "model.")]:
+    changes = [({"resolution": 24}, "transform.resolution: cache has 16, this run has 24"),
+               ({"random_flip": False}, "transform.random_flip"),
+               ({"model_name_or_path": str(MAKERS[family](tmp_path / "other", seed=1))}, "model.")]
+    if family == "sd3":  # the encoded text depends on the T5 settings, not only on the files
+        changes += [({"max_sequence_length": 16}, "encoding.max_sequence_length: cache has 24, this run has 16"),
+                    ({"use_t5": False}, "encoding.uses_t5")]
+    for change, expected in changes:
         capsys.readouterr()
         args = {**config_to_dict(base), **change}
         assert main(["train", *sum(([f"--{k}", str(v)] for k, v in args.items() if v is not None), [])]) == 2

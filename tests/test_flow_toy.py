@@ -108,3 +108,53 @@ def test_one_preference_step(tmp_path):
     assert math.isclose(float(loss.detach()), math.log(2), rel_tol=1e-5)  # LoRA B = 0: policy = reference
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_demo_flow_runs_the_study_on_the_flow_toy(tmp_path):
+    """`snpo demo --flow true`: the world's reference is the flow-matching toy (its own cache
+    entry), saved and reloaded as one, and every sampler of the study (the pairs' images, the
+    evaluation) is its Euler sampler. (The whole `snpo demo --quick --flow true` takes minutes
+    on this CPU, so the pieces are tested here.)"""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from snpo.sampling import sample_images
+    from snpo.toy.demo import DemoConfig
+    from snpo.toy.evaluator import Evaluator
+    from snpo.toy.scenes import all_scenes
+    from snpo.toy.study import world_config
+    from snpo.toy.world import load_toy, pretrain_reference, sample_with_scales
+
+    world = world_config(DemoConfig(flow=True), 0)
+    assert world.flow and world.pretrain_key() != world_config(DemoConfig(), 0).pretrain_key()
+    small = replace(world, model=replace(TINY, resolution=8), pretrain_steps=2, pretrain_images=16,
+                    pretrain_batch_size=8)
+    backbone = pretrain_reference(small, tmp_path / "reference", show_progress=False)
+    loaded = load_toy(tmp_path / "reference")
+    assert isinstance(backbone, ToyFlowBackbone) and isinstance(loaded, ToyFlowBackbone)
+    assert isinstance(load_toy(tmp_path / "reference" / "weak"), ToyFlowBackbone)
+    prompts, seeds = [s.caption for s in all_scenes()[:2]], [5, 6]
+    images = sample_with_scales(loaded, prompts, seeds, np.array([3.0, 3.0]), 4)
+    shape = (TINY.latent_channels, 4, 4)
+    expected = sample_images(loaded, single_network_guide(loaded, loaded.denoiser, 3.0), prompts, seeds, shape,
+                             SamplerSettings(4, 3.0, FLOW, batch_size=2))
+    torch.testing.assert_close(images, expected)
+    evaluator = Evaluator(loaded, loaded.denoiser, prompts, [0], None, steps=4, guidance_scale=3.0,
+                          implicit_draws=1, seed=0)
+    assert evaluator.sampling.scheduler == FLOW
+
+
+def test_demo_quick_flow_end_to_end(tmp_path):
+    """`snpo demo --quick --flow true` at test_demo.py's smallest sizes: the study runs on the
+    flow toy and its report says so (sampler included)."""
+    from snpo.cli import main
+
+    code = main(["demo", "--quick", "--flow", "true", "--output_dir", str(tmp_path / "out"), "--cache_dir",
+                 str(tmp_path / "cache"), "--show_progress", "false", "--pools", "pickapic-like",
+                 "--pretrain_steps", "40", "--methods", "dpo,snpo", "--dual_baselines", "false"])
+    assert code == 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "flow-matching toy" in report and "flow-matching Euler" in report and "DDIM" not in report
+    reference = next((tmp_path / "cache").glob("reference-*"))
+    assert isinstance(load_backbone(reference), ToyFlowBackbone)

@@ -1,7 +1,7 @@
 """Scale-out invariance with real processes: two gloo ranks (``accelerate launch`` with the
 shipped CPU config) with batch 1 each train the same weights as one process with batch 1 and
 gradient accumulation 2, for a single-network objective and for CHATS (two networks in one
-DDP module)."""
+DDP module), on SD1.5 and (the single-network objective) on SD3."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from fixtures_data import make_pickapic_parquet
 from snpo.cli import main
-from tiny_pipelines import RESOLUTION, make_sd15
+from tiny_pipelines import RESOLUTION, make_sd3, make_sd15
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {  # method -> (its settings, the weight files it writes)
@@ -26,16 +26,20 @@ METHODS = {  # method -> (its settings, the weight files it writes)
 }
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_two_processes_equal_one_process_with_accumulation(tmp_path, method):
-    model = make_sd15(tmp_path / "sd")
+FAMILIES = {"sd15": (make_sd15, []), "sd3": (make_sd3, ["--max_sequence_length", "24"])}
+
+
+@pytest.mark.parametrize("method, family", [("single", "sd15"), ("chats", "sd15"), ("single", "sd3")])
+def test_two_processes_equal_one_process_with_accumulation(tmp_path, method, family):
+    make_model, family_args = FAMILIES[family]
+    model = make_model(tmp_path / family)
     data = tmp_path / "train.parquet"
     # 12 rows: 2 ties, one unreadable image (substituted, counted on whichever rank meets it)
     make_pickapic_parquet(data, 12, bad_rows={"unreadable_image": 1})
     args = ["train", "--model_name_or_path", str(model), "--dataset_name", str(data),
             "--resolution", str(RESOLUTION), "--lora_rank", "4", *METHODS[method][0],
             "--per_device_train_batch_size", "1", "--max_steps", "3", "--learning_rate", "1e-2",
-            "--lr_scheduler", "constant", "--beta", "500", "--report_to", "none", "--seed", "3"]
+            "--lr_scheduler", "constant", "--beta", "500", "--report_to", "none", "--seed", "3", *family_args]
     # no ACCELERATE_USE_CPU: the trainer itself asks accelerate for gloo ranks on a CPU machine
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))

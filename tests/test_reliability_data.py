@@ -1,7 +1,8 @@
 """Bad data never stops a run and is never dropped silently: corrupt JPEG bytes, a missing or
 empty image file, an empty or over-long caption, a NaN or out-of-range label, a duplicated
 pair, a malformed JSONL line and a zero-byte parquet shard are skipped, counted per kind, and
-shown in the log (stdout) and in the model card, with exact counts; the run completes."""
+shown in the log (stdout) and in the model card, with exact counts; the run completes (on
+SD1.5, and the Pick-a-Pic case on SD3 too)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,17 @@ from fixtures_data import make_local_pairs, make_pickapic_parquet, zero_byte_sha
 from snpo.cli import main
 from snpo.data import load_preference_source
 from snpo.data.records import DataSourceError
-from tiny_pipelines import RESOLUTION, make_sd15
+from tiny_pipelines import RESOLUTION, make_sd3, make_sd15
 
 
 @pytest.fixture(scope="module")
 def sd_model(tmp_path_factory):
     return make_sd15(tmp_path_factory.mktemp("model") / "sd")
+
+
+@pytest.fixture(scope="module")
+def sd3_model(tmp_path_factory):
+    return make_sd3(tmp_path_factory.mktemp("model") / "sd3")
 
 
 def train(model: Path, data: Path, out: Path, **overrides) -> int:
@@ -36,7 +42,10 @@ def card_counts(card: str) -> dict[str, int]:
     return {line.split("`")[1]: int(line.split("|")[2]) for line in rows if line in section}
 
 
-def test_every_bad_parquet_row_and_a_zero_byte_shard_are_skipped_and_counted(tmp_path, sd_model, capsys):
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_every_bad_parquet_row_and_a_zero_byte_shard_are_skipped_and_counted(tmp_path, family, request, capsys):
+    sd_model = request.getfixturevalue({"sd15": "sd_model", "sd3": "sd3_model"}[family])
+    extra = {"max_sequence_length": 24} if family == "sd3" else {}  # a short T5: only speed
     data = tmp_path / "data"
     a = make_pickapic_parquet(data / "shard-a.parquet", 14, caption_prefix="a ", seed=0, bad_rows={
         "unreadable_image": 2,  # corrupt JPEG bytes: garbage, then a truncated scan
@@ -51,7 +60,7 @@ def test_every_bad_parquet_row_and_a_zero_byte_shard_are_skipped_and_counted(tmp
                         "duplicate_pair": 1, "overlong_caption": 2}
 
     capsys.readouterr()
-    assert train(sd_model, data, tmp_path / "out") == 0  # 6 steps x 2 pairs: every pair is met
+    assert train(sd_model, data, tmp_path / "out", **extra) == 0  # 6 steps x 2 pairs: every pair is met
     out = capsys.readouterr().out
     assert f"data: skipped unreadable shard {empty}: " in out
     assert ("kept 12 of 20 pairs; skipped: tie 2, duplicate_pair 1, empty_caption 1, overlong_caption 2, "

@@ -5,7 +5,9 @@ process and in two gloo processes.
 
 The killed runs are real subprocesses (``tests/fault_runner.py`` only slows steps down, or
 kills the process from inside at a chosen point of a checkpoint write); the kill is SIGKILL,
-so nothing is flushed or cleaned up. The kill step comes from a seeded RNG.
+so nothing is flushed or cleaned up. The kill step comes from a seeded RNG. The random-step
+kill also runs on a tiny SD3 pipeline (rectified flow, three text encoders), in one process
+and in two (both slow; the in-process SD3 resume of ``test_reliability_checkpoint.py`` is fast).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from safetensors.torch import load_file
 from fixtures_data import make_pickapic_parquet
 from snpo.cli import main
 from snpo.training import checkpoint as ckpt
-from tiny_pipelines import RESOLUTION, make_sd15
+from tiny_pipelines import RESOLUTION, make_sd3, make_sd15
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = Path(__file__).resolve().parent / "fault_runner.py"
@@ -35,18 +37,28 @@ LAUNCH_2PROC = [sys.executable, "-m", "accelerate.commands.launch", "--config_fi
                 str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml")]
 TIMING_KEYS = ("pairs_per_second", "peak_memory_gb")  # wall-clock facts, never replayed
 MAX_STEPS = 8
+#: per family: the model builder and its extra training keys (SD3: a short T5, only speed)
+FAMILIES = {"sd15": (make_sd15, {}), "sd3": (make_sd3, {"max_sequence_length": 24})}
 
+
+def make_world(tmp_path_factory, family: str):
+    """A tiny pipeline of ``family`` and a Pick-a-Pic shard with ties, a bad label and an
+    unreadable image (met only while training: it must be counted once even across a kill)."""
+    root = tmp_path_factory.mktemp(f"kill-{family}")
+    model = FAMILIES[family][0](root / family)
+    data = root / "train-00000.parquet"
+    make_pickapic_parquet(data, 12, bad_rows={"unreadable_image": 1, "bad_label": 1})
+    return root, model, data
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A tiny SD1.5 pipeline and a Pick-a-Pic shard with ties, a bad label and an unreadable
-    image (met only while training: it must be counted once even across a kill)."""
-    root = tmp_path_factory.mktemp("kill")
-    model = make_sd15(root / "sd")
-    data = root / "train-00000.parquet"
-    make_pickapic_parquet(data, 12, bad_rows={"unreadable_image": 1, "bad_label": 1})
-    return root, model, data
+    return make_world(tmp_path_factory, "sd15")
+
+
+@pytest.fixture(scope="module")
+def sd3_world(tmp_path_factory):
+    return make_world(tmp_path_factory, "sd3")
 
 
 def train_args(model: Path, data: Path, out: Path, **overrides) -> list[str]:
@@ -54,7 +66,7 @@ def train_args(model: Path, data: Path, out: Path, **overrides) -> list[str]:
                   method="snpo", cfg_dropout=0.5, lora_rank=4, per_device_train_batch_size=1,
                   gradient_accumulation_steps=2, max_steps=MAX_STEPS, learning_rate=1e-2,
                   lr_scheduler="linear", lr_warmup_steps=2, beta=500, checkpointing_steps=2,
-                  checkpoints_total_limit=2, report_to="none", seed=3)
+                  checkpoints_total_limit=2, report_to="none", seed=3, **FAMILIES[Path(model).name][1])
     values.update(overrides)
     return ["train", *[x for k, v in values.items() for x in (f"--{k}", str(v))]]
 
@@ -130,8 +142,7 @@ def assert_same_run(reference: Path, resumed: Path, weights: str) -> None:
     assert "unreadable_image` | 1 |" in data_section(resumed / "README.md")
 
 
-@pytest.fixture(scope="module")
-def reference(world):
+def reference_run(world) -> Path:
     """The uninterrupted single-process run every single-process variant must reproduce."""
     root, model, data = world
     out = root / "reference"
@@ -139,8 +150,23 @@ def reference(world):
     return out
 
 
-@pytest.mark.parametrize("seed", [7, *(pytest.param(s, marks=pytest.mark.slow) for s in (1, 2, 3))])
-def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(world, reference, seed):
+@pytest.fixture(scope="module")
+def reference(world):
+    return reference_run(world)
+
+
+@pytest.fixture(scope="module")
+def sd3_reference(sd3_world):
+    return reference_run(sd3_world)
+
+
+@pytest.mark.parametrize("family, seed", [
+    ("sd15", 7), *(pytest.param("sd15", s, marks=pytest.mark.slow) for s in (1, 2, 3)),
+    pytest.param("sd3", 7, marks=pytest.mark.slow),  # fast SD3 resume: test_reliability_checkpoint.py
+])
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(request, family, seed):
+    prefix = "" if family == "sd15" else f"{family}_"
+    world, reference = request.getfixturevalue(f"{prefix}world"), request.getfixturevalue(f"{prefix}reference")
     root, model, data = world
     rng = random.Random(seed)
     kill_step = rng.randint(3, MAX_STEPS - 2)
@@ -193,10 +219,12 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(world, refere
     assert leftovers == []  # what the kill left behind was cleared by the next save
 
 
-def test_sigkill_two_gloo_processes_then_resume_is_bitwise_identical(world):
+@pytest.mark.parametrize("family", ["sd15", pytest.param("sd3", marks=pytest.mark.slow)])
+def test_sigkill_two_gloo_processes_then_resume_is_bitwise_identical(request, family):
     """Two ranks (accelerate launch, gloo), a full fine-tune, killed as a whole at a random
-    step: the resumed run's UNet equals an uninterrupted two-process run's, bitwise."""
-    root, model, data = world
+    step: the resumed run's denoiser (UNet, SD3's transformer) equals an uninterrupted
+    two-process run's, bitwise."""
+    root, model, data = request.getfixturevalue("world" if family == "sd15" else f"{family}_world")
     rng = random.Random(11)
     kill_step = rng.randint(3, MAX_STEPS - 2)
     overrides = dict(lora_rank=0, gradient_accumulation_steps=1, learning_rate=1e-3, cfg_dropout=0.3)
@@ -213,4 +241,5 @@ def test_sigkill_two_gloo_processes_then_resume_is_bitwise_identical(world):
     last = ckpt.resolve_checkpoint(out / "checkpoints", "latest")
     assert last is not None and {"rng-0.safetensors", "rng-1.safetensors"} <= set(os.listdir(last))
     resume([*LAUNCH_2PROC, "-m", "snpo.cli", *args], env)
-    assert_same_run(straight, out, "unet/diffusion_pytorch_model.safetensors")
+    denoiser = "unet" if family == "sd15" else "transformer"
+    assert_same_run(straight, out, f"{denoiser}/diffusion_pytorch_model.safetensors")

@@ -19,6 +19,7 @@ from conftest import colour_pairs
 from fixtures_data import make_pickapic_parquet
 from snpo.cli import main
 from snpo.configuration import load_config
+from snpo.methods import get_method
 from snpo.methods.single import SingleNetworkMethod
 from snpo.toy.data import stack_batch
 from snpo.training.config import TrainConfig
@@ -184,7 +185,16 @@ def test_missing_column_and_bad_config_are_one_line_errors(tmp_path, capsys, no_
 def test_presets_are_valid_configs(preset):
     config = load_config(TrainConfig, ROOT / "configs" / preset)
     assert config.model_name_or_path and config.dataset_name and config.method in ("snpo", "dpo", "npo-negative", "chats")
-    assert config.beta == (5000.0 if preset.startswith("sdxl") else 2000.0)
+    # Diffusion-DPO's betas (SD1.5 2000, SDXL 5000); flow models (velocity targets): flow_grpo's
+    # SD3.5 Medium beta 100, the same convention (docs/method.md, "Flow-matching models")
+    expected = {"sdxl": 5000.0, "sd35": 100.0, "flux": 100.0}.get(preset.split("-")[0], 2000.0)
+    if preset == "sd15-npo-negative.yaml":  # the public Diff-NPO run's beta_dpo 500, with no 1/2
+        expected = 1000.0
+    assert config.beta == expected
+    if preset.startswith(("sd35", "flux")):
+        assert config.mixed_precision == "bf16" and config.lora_rank > 0
+    if preset.startswith("flux") and not config.true_cfg:  # FLUX.1-dev samples with no null branch
+        assert config.cfg_dropout == 0 and not get_method(config.method).trains_null_branch
 
 
 def test_empty_micro_batch_is_skipped_in_one_process(tiny_toy, tmp_path):

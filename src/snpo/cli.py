@@ -63,11 +63,12 @@ def _merge(args: argparse.Namespace, rest: list[str]) -> int:
         out = run_merge(config)
     except (ValueError, OSError) as err:  # bad paths or mismatched weights: one line
         raise ConfigError(str(err)) from None
-    print(f"merged denoiser written to {out / 'unet'}")
+    where = next((out / d for d in ("transformer", "unet") if (out / d).is_dir()), out / "unet")
+    print(f"merged denoiser written to {where}")
     return 0
 
 
-@command("train", "align a diffusion model (SD1.5, SDXL, toy) with preference pairs")
+@command("train", "align a diffusion model (SD1.5, SDXL, SD3/SD3.5, FLUX.1, toy) with preference pairs")
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
     from snpo.training.config import TrainConfig
     from snpo.training.run import run_train

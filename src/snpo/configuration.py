@@ -197,11 +197,17 @@ def load_config(
     return config_from_dict(cls, values, where)
 
 
+def is_secret(f: dataclasses.Field) -> bool:
+    """A field never written or logged (``metadata={"secret": True}``, e.g. ``hub_token``)."""
+    return bool(f.metadata.get("secret"))
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
-    """A JSON/YAML-able dict of a config dataclass."""
+    """A JSON/YAML-able dict of a config dataclass (secret fields left out: this dict goes to
+    model cards, trackers and fingerprints)."""
     out = {}
     for f in dataclasses.fields(config):
-        if is_alias(f):
+        if is_alias(f) or is_secret(f):
             continue
         value = getattr(config, f.name)
         if isinstance(value, Path):

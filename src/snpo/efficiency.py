@@ -10,7 +10,8 @@ copy costs a second network.
 - Diff-NPO: two training runs (positive, then negative on reversed labels), each a single-
   network run; the positive model and the merged negative model while sampling (two
   networks per step);
-- CHATS: win + lose + reference in ONE training run; win + lose while sampling.
+- CHATS: win + lose + reference in ONE training run; win + lose while sampling;
+- MaPO (reference-free): the policy alone, while training and sampling.
 
 Count outside a ``with backbone.reference()`` block: peft switches ``requires_grad`` off on
 adapters while they are disabled, so trainable counts read inside it would be zero.
@@ -59,7 +60,8 @@ def method_footprint(method: str, trained: Sequence[nn.Module], reference: nn.Mo
     return Footprint(
         method=label or method,
         trainable=count_parameters(*trained, trainable_only=True),
-        training_resident=count_parameters(*trained, reference),
+        # a reference-free method (MaPO: ``extra["reference"] = False``) holds no reference
+        training_resident=count_parameters(*trained, *([reference] if spec.extra.get("reference", True) else [])),
         sampling_resident=count_parameters(*trained),
         training_runs=1,
         sampling_networks=spec.sampling_networks,

@@ -64,8 +64,12 @@ _LORA_KEY = re.compile(
     r"\.weight$"
 )
 _ALPHA_KEY = re.compile(r"^(?P<module>.+)\.alpha$")
-_STRIPPED_PREFIXES = ("unet.", "base_model.model.")
-_FOREIGN_PREFIXES = ("text_encoder", "lora_te", "lora_unet_", "transformer.")
+#: prefixes of the denoiser's component in a pipeline's LoRA file (SD: ``unet.``; SD3 and
+#: FLUX: ``transformer.``) and of peft's wrapper, stripped to the plain denoiser's keys
+_STRIPPED_PREFIXES = ("unet.", "transformer.", "base_model.model.")
+_FOREIGN_PREFIXES = ("text_encoder", "lora_te", "lora_unet_")
+#: the denoiser's subfolder in a pipeline (or training output) folder, by family
+DENOISER_SUBFOLDERS = ("unet", "transformer")
 
 
 # ---- LoRA adapters ------------------------------------------------------------------------
@@ -101,8 +105,8 @@ def _normalise_lora_key(key: str) -> str:
             return key[len(prefix) :]
     if key.startswith(_FOREIGN_PREFIXES):
         raise ValueError(
-            f"LoRA key {key!r}: only denoiser (UNet) LoRAs in peft or diffusers format can be "
-            "merged (no text-encoder, kohya or transformer LoRAs)"
+            f"LoRA key {key!r}: only denoiser (UNet or transformer) LoRAs in peft or diffusers "
+            "format can be merged (no text-encoder or kohya LoRAs)"
         )
     return key
 
@@ -126,7 +130,7 @@ def lora_from_state_dict(
     ``metadata`` is a peft ``LoraConfig`` as a dict (diffusers' header metadata, with or
     without the ``unet.`` prefix on its keys); ``scale`` overrides everything.
     """
-    meta = {k.removeprefix("unet."): v for k, v in (metadata or {}).items()}
+    meta = {k.removeprefix("unet.").removeprefix("transformer."): v for k, v in (metadata or {}).items()}
     factors: dict[str, dict[str, Tensor]] = {"down": {}, "up": {}}
     alphas: dict[str, float] = {}
     for raw_key, tensor in state_dict.items():
@@ -209,15 +213,16 @@ def _unet_files(folder: Path) -> list[Path]:
         return candidates
     raise ValueError(
         f"{folder}: expected {UNET_WEIGHT_NAME} (or a sharded index, or {LORA_WEIGHT_NAME}, "
-        "or a unet/ subfolder); convert .bin weights to safetensors first"
+        "or a unet/ or transformer/ subfolder); convert .bin weights to safetensors first"
     )
 
 
 def resolve_weights(path: str | Path) -> tuple[str, Path]:
-    """``("lora", file)`` or ``("full", unet folder or file)`` for a model path.
+    """``("lora", file)`` or ``("full", denoiser folder or file)`` for a model path.
 
     Accepts a ``.safetensors`` file, a folder with ``pytorch_lora_weights.safetensors``, a
-    diffusers (or snpo toy) model folder with ``unet/``, or a unet folder.
+    diffusers (or snpo toy) model folder with ``unet/`` (SD) or ``transformer/`` (SD3, FLUX),
+    or a denoiser folder.
     """
     path = Path(path)
     if not path.exists():
@@ -227,12 +232,13 @@ def resolve_weights(path: str | Path) -> tuple[str, Path]:
             raise UserError(f"{path}: expected a .safetensors file (convert .bin weights first)")
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
-        is_lora = any(_LORA_KEY.match(k.removeprefix("unet.")) for k in keys)
+        is_lora = any(_LORA_KEY.match(k.removeprefix("unet.").removeprefix("transformer.")) for k in keys)
         return ("lora" if is_lora else "full"), path
     if (path / LORA_WEIGHT_NAME).is_file():
         return "lora", path / LORA_WEIGHT_NAME
-    if (path / "unet").is_dir():
-        return resolve_weights(path / "unet")
+    for sub in DENOISER_SUBFOLDERS:
+        if (path / sub).is_dir():
+            return resolve_weights(path / sub)
     _unet_files(path)  # raises a one-line error when the folder holds no weights
     return "full", path
 
@@ -371,7 +377,8 @@ def merge_denoisers(
 class MergeConfig:
     """``snpo merge``: Diff-NPO's merged null-branch model from a reference, a positive and an NPO model.
 
-    Paths may be full-weight unet folders, diffusers/toy model folders (``unet/`` inside),
+    Paths may be full-weight unet or transformer folders, diffusers/toy model folders
+    (``unet/`` or ``transformer/`` inside),
     LoRA folders (``pytorch_lora_weights.safetensors``) or ``.safetensors`` files; the
     reference must hold full weights. Defaults ``a = b = 1`` are the public Diff-NPO code's.
     """
@@ -382,7 +389,7 @@ class MergeConfig:
     negative: str | None = field(default=None, metadata={"alias_of": "npo"})
     a: float = 1.0  # weight of theta_pos - theta_ref
     b: float = 1.0  # weight of theta_npo - theta_ref
-    output_dir: str = "snpo-merged"  # where unet/ is written
+    output_dir: str = "snpo-merged"  # where unet/ (transformer/ for SD3 and FLUX) is written
     dtype: str = "reference"  # reference | fp32 | fp16 | bf16
     copy_pipeline: bool = False  # copy the reference's other components (text encoder, ...)
 
@@ -408,7 +415,8 @@ class MergeConfig:
 
 
 def run_merge(config: MergeConfig) -> Path:
-    """Merge and write ``output_dir/unet/`` (safetensors + the reference's ``config.json``)."""
+    """Merge and write ``output_dir/unet/`` (``transformer/`` when the reference is a
+    transformer folder: SD3, FLUX), safetensors + the reference's ``config.json``."""
     config.validate()
     kind, ref_where = resolve_weights(config.reference)
     if kind != "full":
@@ -425,19 +433,20 @@ def run_merge(config: MergeConfig) -> Path:
         }
 
     out = Path(config.output_dir)
-    unet_dir = out / "unet"
+    ref_folder = ref_where if ref_where.is_dir() else ref_where.parent
+    subfolder = "transformer" if ref_folder.name == "transformer" else "unet"  # as the reference's
+    unet_dir = out / subfolder
     unet_dir.mkdir(parents=True, exist_ok=True)
     save_file(
         {k: v.contiguous() for k, v in merged.items()},
         str(unet_dir / UNET_WEIGHT_NAME),
         metadata={"format": "pt"},
     )
-    ref_folder = ref_where if ref_where.is_dir() else ref_where.parent
     if (ref_folder / "config.json").is_file():
         shutil.copy2(ref_folder / "config.json", unet_dir / "config.json")
-    if config.copy_pipeline and ref_folder.name == "unet":
+    if config.copy_pipeline and ref_folder.name in DENOISER_SUBFOLDERS:
         for item in ref_folder.parent.iterdir():
-            if item.name == "unet" or (out / item.name).exists():
+            if item.name == subfolder or (out / item.name).exists():
                 continue
             copier = shutil.copytree if item.is_dir() else shutil.copy2
             copier(item, out / item.name)

@@ -10,7 +10,9 @@ its own pipeline class, one in ``PIPELINE_FAMILIES``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from snpo.backbones.base import Backbone
 from snpo.backbones.flux import FluxBackbone
@@ -65,6 +67,17 @@ def detect_family(spec: str | Path, *, revision: str | None = None) -> str:
     )
 
 
+#: config keys (``TrainConfig``, ``SampleConfig``) a family may read: the loading options
+#: (``Backbone.loading_options``) and the settings (``Backbone.setting_names``) of every family
+FAMILY_KEYS = ("use_t5", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+               "max_sequence_length", "embedded_guidance_scale", "true_cfg")
+
+
+def family_options(config: Any) -> dict[str, Any]:
+    """The family keys of a config (absent ones as None: the family's default)."""
+    return {key: getattr(config, key, None) for key in FAMILY_KEYS}
+
+
 def load_backbone(
     model_name_or_path: str | Path,
     *,
@@ -74,31 +87,59 @@ def load_backbone(
     upcast_vae: bool | None = None,
     revision: str | None = None,
     variant: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Backbone:
     """Load a backbone from a pipeline folder or hub id; the family is detected unless given.
 
     ``with_encoders=False`` skips the VAE and text encoders (training from a cache).
+    ``options`` (e.g. :func:`family_options` of a config): the family's loading options go to
+    its ``from_pretrained`` (SD3: ``use_t5``), its settings are set on the backbone (flow
+    models: sigma sampling, T5 length, FLUX guidance and ``true_cfg``); other keys and None
+    values are ignored.
     """
     family = family or detect_family(model_name_or_path, revision=revision)
     if family not in BACKBONES:
         raise ModelNotFoundError(f"family: expected one of {', '.join(BACKBONES)}, got {family!r}")
     path = resolve_model_path(model_name_or_path, revision=revision, variant=variant)
+    cls = BACKBONES[family]
+    options = {k: v for k, v in (options or {}).items() if v is not None}
     if family == "toy":
-        return ToyBackbone.from_pretrained(path)
-    backbone = BACKBONES[family].from_pretrained(
-        path, with_encoders=with_encoders, vae_path=vae_path, upcast_vae=upcast_vae,
-        revision=revision, variant=variant,
-    )
-    backbone.model_name_or_path = str(model_name_or_path)
+        backbone = ToyBackbone.from_pretrained(path)
+    else:
+        loading = {k: v for k, v in options.items() if k in cls.loading_options}
+        backbone = cls.from_pretrained(
+            path, with_encoders=with_encoders, vae_path=vae_path, upcast_vae=upcast_vae,
+            revision=revision, variant=variant, **loading,
+        )
+        backbone.model_name_or_path = str(model_name_or_path)
+    backbone.apply_settings(options)
     return backbone
+
+
+def encoding_options(family: str, model_path: str | Path, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What the encoded conditions of ``family``'s model at ``model_path`` depend on besides
+    its files, with these options (flow models: T5 length, SD3's T5 switch); what
+    ``Backbone.encoding_options()`` of the loaded model returns. Reads ``model_index.json`` only."""
+    index = read_model_index(model_path)
+    return BACKBONES[family].encoding_options_for(dict(options or {}), index)
+
+
+def has_null_branch(family: str, options: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``family``'s sampler runs a null (unconditional) branch with these options
+    (FLUX: only with ``true_cfg``), known before any weights load."""
+    return BACKBONES[family].has_null_branch_for(true_cfg=bool((options or {}).get("true_cfg")))
 
 
 __all__ = [
     "BACKBONES",
+    "FAMILY_KEYS",
     "PIPELINE_FAMILIES",
     "Backbone",
     "ModelNotFoundError",
     "detect_family",
+    "encoding_options",
+    "family_options",
+    "has_null_branch",
     "load_backbone",
     "read_model_index",
     "resolve_model_path",

@@ -71,6 +71,16 @@ class Backbone(ABC):
     #: opted in (``FluxBackbone.true_cfg``). Objectives that train the null branch (snpo,
     #: snpo-naive) and dual-model methods built on it should refuse a backbone without one.
     has_null_branch: bool = True
+    #: options of ``from_pretrained`` this family reads (``load_backbone(options=...)``; SD3:
+    #: ``use_t5``); a family ignores the others
+    loading_options: tuple[str, ...] = ()
+    #: settings this family reads from a run's config (``apply_settings``; flow models: sigma
+    #: sampling, T5 length, FLUX guidance); a family ignores the others
+    setting_names: tuple[str, ...] = ()
+    #: ``snpo sample``'s defaults for this family (``sampling_defaults``): the paper's protocol
+    sampling_scheduler_name: str = "ddim"
+    default_inference_steps: int = 50
+    default_guidance_scale: float = 7.5
 
     denoiser: nn.Module
     noise_scheduler: Any  # a diffusers scheduler used to noise training samples
@@ -78,6 +88,37 @@ class Backbone(ABC):
     def __init__(self) -> None:
         self._reference: nn.Module | None = None
         self.lora_rank = 0
+
+    # ---- settings from a config ------------------------------------------------------
+    def apply_settings(self, values: dict[str, Any]) -> None:
+        """Set the family's settings (``self.setting_names``) from ``values``; None leaves the
+        family's default, names the family does not read are ignored."""
+        for name in self.setting_names:
+            if values.get(name) is not None:
+                setattr(self, name, values[name])
+
+    @classmethod
+    def has_null_branch_for(cls, *, true_cfg: bool = False) -> bool:
+        """Whether this family's sampler runs a null branch with these settings (known before
+        any weights load)."""
+        return bool(cls.has_null_branch)
+
+    @classmethod
+    def encoding_options_for(cls, options: dict[str, Any], index: dict[str, Any]) -> dict[str, Any]:
+        """What :meth:`encoding_options` will be for a model folder (its ``model_index.json``)
+        loaded with these options, known before any weights load (a cache's fingerprint)."""
+        return {}
+
+    def encoding_options(self) -> dict[str, Any]:
+        """Settings the encoded condition depends on besides the model files (a latent/text
+        cache built with other values holds other tensors). None for most families."""
+        return {}
+
+    @classmethod
+    def sampling_defaults(cls, *, true_cfg: bool = False) -> dict[str, Any]:
+        """``snpo sample``'s scheduler, steps and guidance scale when none are given."""
+        return {"scheduler": cls.sampling_scheduler_name, "num_inference_steps": cls.default_inference_steps,
+                "guidance_scale": cls.default_guidance_scale}
 
     # ---- encoding -------------------------------------------------------------------
     @abstractmethod
@@ -226,10 +267,11 @@ class Backbone(ABC):
 
     # ---- training set-up and the reference -----------------------------------------
     def prepare_for_training(
-        self, *, lora_rank: int = 0, gradient_checkpointing: bool = False
+        self, *, lora_rank: int = 0, gradient_checkpointing: bool = False, reference: bool = True
     ) -> list[nn.Parameter]:
         """Freeze encoders, add LoRA adapters (``lora_rank > 0``) or keep a frozen reference
-        copy (full fine-tune), and return the trainable parameters."""
+        copy (full fine-tune), and return the trainable parameters. ``reference=False``: no
+        frozen copy for a method that never runs the reference (MaPO)."""
         for module in self.frozen_modules().values():
             module.requires_grad_(False).eval()
         self.lora_rank = lora_rank
@@ -247,7 +289,7 @@ class Backbone(ABC):
             )
             self._reference = None  # the same network with adapters disabled
         else:
-            self._reference = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+            self._reference = copy.deepcopy(self.denoiser).requires_grad_(False).eval() if reference else None
             self.denoiser.requires_grad_(True)
         if gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()

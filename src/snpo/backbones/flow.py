@@ -84,6 +84,10 @@ class RectifiedFlow:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    #: what a run's config sets (``Backbone.apply_settings``)
+    setting_names: tuple[str, ...] = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale")
+    #: the pipelines sample with their flow-matching Euler scheduler (``snpo sample``'s default)
+    sampling_scheduler_name: str = "FlowMatchEulerDiscreteScheduler"
 
     # ---- rectified flow ---------------------------------------------------------------
     @property
@@ -198,6 +202,9 @@ class FlowMatchingBackbone(RectifiedFlow, StableDiffusionBackbone):
     #: T5 tokens (the pipeline's ``max_sequence_length`` default; training and sampling
     #: must use the same, the padded tokens take part in the joint attention)
     max_sequence_length: int = 256
+    setting_names: tuple[str, ...] = (*RectifiedFlow.setting_names, "max_sequence_length")
+    #: ``snpo sample``'s defaults: the pipeline's own ``__call__`` defaults
+    default_inference_steps: int = 28
 
     # ---- construction ---------------------------------------------------------------
     @classmethod
@@ -323,9 +330,15 @@ class FlowMatchingBackbone(RectifiedFlow, StableDiffusionBackbone):
         cache built with other values holds other tensors)."""
         return {"max_sequence_length": int(self.max_sequence_length)}
 
+    @classmethod
+    def encoding_options_for(cls, options: dict[str, Any], index: dict[str, Any]) -> dict[str, Any]:
+        return {"max_sequence_length": int(options.get("max_sequence_length") or cls.max_sequence_length)}
+
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
+            "denoiser_class": self.transformer_class_name,
+            "denoiser_subfolder": TRANSFORMER_SUBFOLDER,
             **self.encoding_options(),
             "weighting_scheme": self.weighting_scheme,
             "logit_mean": self.logit_mean,

@@ -87,6 +87,13 @@ class FluxBackbone(FlowMatchingBackbone):
     #: (``FluxPipeline(..., negative_prompt="", true_cfg_scale=s)``), so objectives that
     #: train the null branch apply
     true_cfg: bool = False
+    setting_names = (*FlowMatchingBackbone.setting_names, "embedded_guidance_scale", "true_cfg")
+    #: ``FluxPipeline.__call__``'s defaults: 28 steps, no null branch (the distilled guidance
+    #: is ``embedded_guidance_scale``); with true CFG, snpo's choice of scale (the pipeline's
+    #: ``true_cfg_scale`` defaults to 1, i.e. off)
+    default_inference_steps = 28
+    default_guidance_scale = 1.0
+    default_true_cfg_scale = 4.0
 
     def __init__(
         self,
@@ -121,6 +128,17 @@ class FluxBackbone(FlowMatchingBackbone):
     @property
     def has_null_branch(self) -> bool:  # type: ignore[override]
         return bool(self.true_cfg)
+
+    @classmethod
+    def has_null_branch_for(cls, *, true_cfg: bool = False) -> bool:
+        return bool(true_cfg)
+
+    @classmethod
+    def sampling_defaults(cls, *, true_cfg: bool = False) -> dict[str, Any]:
+        defaults = super().sampling_defaults(true_cfg=true_cfg)
+        if true_cfg:
+            defaults["guidance_scale"] = cls.default_true_cfg_scale
+        return defaults
 
     # ---- geometry -------------------------------------------------------------------
     @property

@@ -50,6 +50,10 @@ class StableDiffusion3Backbone(FlowMatchingBackbone):
     lora_target_modules = SD3_LORA_TARGET_MODULES
     optional_components = ("text_encoder_3", "tokenizer_3")
     max_sequence_length = 256
+    loading_options = ("use_t5",)
+    #: ``StableDiffusion3Pipeline.__call__``'s defaults (28 steps, CFG 7.0)
+    default_inference_steps = 28
+    default_guidance_scale = 7.0
 
     def __init__(
         self,
@@ -153,3 +157,9 @@ class StableDiffusion3Backbone(FlowMatchingBackbone):
 
     def encoding_options(self) -> dict[str, Any]:
         return {**super().encoding_options(), "uses_t5": self.uses_t5}
+
+    @classmethod
+    def encoding_options_for(cls, options: dict[str, Any], index: dict[str, Any]) -> dict[str, Any]:
+        has_t5 = (index.get("text_encoder_3") or [None])[0] is not None
+        return {**super().encoding_options_for(options, index),
+                "uses_t5": bool(options.get("use_t5") is not False and has_t5)}

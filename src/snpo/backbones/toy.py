@@ -97,7 +97,19 @@ class ToyBackbone(Backbone):
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
-        denoiser = UNet2DConditionModel(
+        denoiser = cls.build_denoiser(config)
+        scheduler = DDPMScheduler(
+            num_train_timesteps=config.num_train_timesteps,
+            beta_schedule=config.beta_schedule,
+            prediction_type=config.prediction_type,
+            clip_sample=False,
+        )
+        return cls(denoiser, text_encoder, tokenizer, scheduler, config)
+
+    @staticmethod
+    def build_denoiser(config: ToyModelConfig) -> UNet2DConditionModel:
+        """The toy's UNet, randomly initialised (the architecture, for ``create`` and counts)."""
+        return UNet2DConditionModel(
             sample_size=config.latent_size,
             in_channels=config.latent_channels,
             out_channels=config.latent_channels,
@@ -109,13 +121,6 @@ class ToyBackbone(Backbone):
             attention_head_dim=config.attention_heads,
             norm_num_groups=8,
         )
-        scheduler = DDPMScheduler(
-            num_train_timesteps=config.num_train_timesteps,
-            beta_schedule=config.beta_schedule,
-            prediction_type=config.prediction_type,
-            clip_sample=False,
-        )
-        return cls(denoiser, text_encoder, tokenizer, scheduler, config)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ToyBackbone:

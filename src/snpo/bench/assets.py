@@ -9,6 +9,17 @@ training. Folders are built once per architecture under ``work_dir/models`` and 
   a 5-layer 32-wide CLIP text encoder).
 - ``sd15``: Stable Diffusion 1.5 (UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder 123M).
 - ``sdxl``: SDXL base (UNet 2.6B, two text encoders: CLIP ViT-L and OpenCLIP ViT-bigG, VAE).
+- ``sd3``: Stable Diffusion 3.5 Medium (MMDiT-X transformer 2.5B, 24 blocks, 13 with dual
+  attention; CLIP ViT-L and OpenCLIP ViT-bigG with projections; the 16-channel VAE; the
+  flow-matching scheduler with shift 3). WITHOUT T5-XXL (4.7B parameters, 19 GB in float32):
+  the pipeline then feeds zeros of the same length (77 + 256 tokens) in T5's place, so the
+  transformer's work, which is what training repeats every step, is exactly the T5 run's;
+  only encoding (the cache build, ``dpo-uncached``) is cheaper than with T5.
+- ``tiny-sd3``: an SD3 pipeline of the tiny configs diffusers' own tests use (no T5), for
+  ``snpo bench --arch tiny-sd3`` in seconds.
+
+Flow-matching architectures have no ``reference-script`` configuration (the diffusers
+Diffusion-DPO script trains SD1.5/SDXL UNets only).
 """
 
 from __future__ import annotations
@@ -24,7 +35,9 @@ import torch
 
 from snpo.errors import ConfigError
 
-ARCHS = ("tiny", "sd15", "sdxl")
+ARCHS = ("tiny", "sd15", "sdxl", "tiny-sd3", "sd3")
+#: architectures trained as rectified flows (no reference-script configuration for them)
+FLOW_ARCHS = ("tiny-sd3", "sd3")
 ASSET_VERSION = 1
 WORDS = ("a", "photo", "of", "red", "blue", "green", "cat", "dog", "house", "tree", "on", "the",
          "beach", "in", "snow", "painting", "castle", "at", "night", "with", "boat")
@@ -70,6 +83,55 @@ def _scheduler():
     )
 
 
+def sd3_transformer_config(arch: str) -> dict[str, Any]:
+    """``SD3Transformer2DModel`` config of ``arch``: SD3.5 Medium's (its ``transformer/config.json``),
+    or the tiny one of diffusers' SD3 pipeline tests."""
+    if arch == "tiny-sd3":
+        return dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                    attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                    joint_attention_dim=32, pooled_projection_dim=64)
+    return dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+
+
+def _sd3_pipeline(arch: str, tokenizer: Any):
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    transformer = SD3Transformer2DModel(**sd3_transformer_config(arch))
+    if arch == "tiny-sd3":
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            sample_size=32, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+            scaling_factor=1.5035)
+        small = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                     num_attention_heads=4, projection_dim=32)
+        text, text_2 = (CLIPTextModelWithProjection(_sd_text_config(tokenizer, **small)) for _ in range(2))
+    else:  # SD3.5 Medium's VAE and CLIP encoders (CLIP ViT-L/14, OpenCLIP ViT-bigG/14)
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=16,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
+            shift_factor=0.0609, scaling_factor=1.5305, force_upcast=True)
+        text = CLIPTextModelWithProjection(_sd_text_config(tokenizer))
+        text_2 = CLIPTextModelWithProjection(_sd_text_config(
+            tokenizer, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+            num_attention_heads=20, projection_dim=1280, hidden_act="gelu"))
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text, tokenizer=tokenizer, text_encoder_2=text_2, tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+
+
 def build_pipeline(arch: str, folder: Path, seed: int = 0) -> Path:
     """Save a random-init ``arch`` pipeline to ``folder`` (a diffusers pipeline folder)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -83,7 +145,9 @@ def build_pipeline(arch: str, folder: Path, seed: int = 0) -> Path:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = build_toy_tokenizer(WORDS, tmp / "_tokenizer", max_length=77)
-    if arch == "tiny":
+    if arch in FLOW_ARCHS:
+        pipe = _sd3_pipeline(arch, tokenizer)
+    elif arch == "tiny":
         unet = UNet2DConditionModel(
             sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
             block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),

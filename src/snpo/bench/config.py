@@ -28,6 +28,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "about": "Diff-NPO's second run: dpo on reversed labels (its first run is `dpo`)"},
     "chats": {"method": "chats",
               "about": "CHATS: win + lose networks trained together, plus the reference"},
+    # beyond the paper (docs/method.md): each next to dpo, same data, cache and batch of images
+    "dpo-safeguard": {"method": "dpo", "safeguard": True,
+                      "about": "dpo + Diffusion-SDPO's safeguard (output-space factor, no second backward)"},
+    "snpo-safeguard": {"method": "snpo", "safeguard": True, "about": "snpo + Diffusion-SDPO's safeguard"},
+    "kto": {"method": "kto", "batch_scale": 2,
+            "about": "Diffusion-KTO: pairs split into labelled images, 2 x batch_size images a step (a pair step's images)"},
+    "mapo": {"method": "mapo", "about": "MaPO: reference-free, no reference forward"},
+    "mapo-full": {"method": "mapo", "lora_rank": 0,
+                  "about": "MaPO full fine-tune: no frozen reference copy (next to snpo-full)"},
     "snpo-eager-attention": {"method": "snpo", "attention": "classic",
                              "about": "before SDPA: diffusers' AttnProcessor (bmm + softmax)"},
     "snpo-channels-last": {"method": "snpo", "channels_last": True,
@@ -48,8 +57,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 DEFAULT_PLAN = (
     "reference-script", "dpo-uncached", "dpo", "objectives", "snpo", "npo-negative", "chats",
+    "dpo-safeguard", "kto", "mapo",
     "snpo-eager-attention", "snpo-channels-last", "snpo-store-write", "snpo-store-read",
-    "snpo-compile", "snpo-forloop-adamw", "snpo-full", "snpo-full-forloop-adamw",
+    "snpo-compile", "snpo-forloop-adamw", "snpo-full", "snpo-full-forloop-adamw", "mapo-full",
 )
 
 #: ``snpo bench --quick``: the whole plan on the tiny architecture, in one process (seconds).
@@ -61,7 +71,9 @@ QUICK_OVERRIDES: dict[str, Any] = {
 
 def variant(name: str) -> dict[str, Any]:
     """The configuration ``name``: one of :data:`VARIANTS`, or any registered method (trained
-    from the cache, LoRA, like ``snpo``), so a new method is benchmarked with no edit here."""
+    from the cache, LoRA, like ``snpo``), so a new method is benchmarked with no edit here.
+    ``<arch>/<name>`` is the same configuration on ``compare_arch``."""
+    name = split_arch(name)[1]
     if name in VARIANTS:
         return VARIANTS[name]
     from snpo.methods import METHODS
@@ -76,7 +88,8 @@ def variant(name: str) -> dict[str, Any]:
 class BenchConfig:
     """``snpo bench``: pairs per second, peak memory and per-phase times per configuration."""
 
-    arch: str = "sd15"  # tiny | sd15 | sdxl (random-init copies of the real architectures)
+    arch: str = "sd15"  # tiny | sd15 | sdxl | sd3 (SD3.5 Medium) | tiny-sd3: random-init copies of the real architectures
+    compare_arch: str | None = None  # a second architecture measured in the same run at the same settings (e.g. sd15 next to sd3); its rows are named <arch>/<configuration>
     resolution: int = 128  # image side in pixels
     batch_size: int = 2  # pairs per step
     lora_rank: int = 8  # LoRA rank of the LoRA configurations
@@ -102,6 +115,9 @@ class BenchConfig:
     def validate(self) -> None:
         from snpo.bench.assets import ARCHS
 
+        if self.compare_arch is not None and (self.compare_arch not in ARCHS or self.compare_arch == self.arch):
+            raise ConfigError(f"compare_arch: expected one of {', '.join(a for a in ARCHS if a != self.arch)} "
+                              f"or null, got {self.compare_arch!r}")
         choices = [
             ("arch", self.arch, ARCHS), ("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16")),
             ("device", self.device, ("auto", "cpu", "cuda")), ("compile", self.compile, ("auto", "always", "never")),
@@ -126,13 +142,30 @@ class BenchConfig:
             variant(name)  # a known configuration, or any registered method
 
     def plan(self) -> list[str]:
+        from snpo.bench.assets import FLOW_ARCHS
+
         names = list(self.variants) or list(DEFAULT_PLAN)
+        if not self.variants and self.arch in FLOW_ARCHS:
+            names.remove("reference-script")  # the diffusers Diffusion-DPO script trains UNets only
         if not self.variants:
             if self.compile == "never" or (self.compile == "auto" and self.arch != "tiny"):
                 names.remove("snpo-compile")
             if self.full_finetune == "never":
                 names.remove("snpo-full")
                 names.remove("snpo-full-forloop-adamw")
+                names.remove("mapo-full")
         if "snpo-store-read" in names and "snpo-store-write" not in names:
             names.insert(names.index("snpo-store-read"), "snpo-store-write")
         return [n for n in names if n not in self.skip]
+
+    def archs(self) -> list[str]:
+        """The architectures of the run: ``arch``, then ``compare_arch``."""
+        return [self.arch] + ([self.compare_arch] if self.compare_arch else [])
+
+
+def split_arch(name: str) -> tuple[str | None, str]:
+    """``"sd15/dpo"`` -> ``("sd15", "dpo")`` (a ``compare_arch`` row); ``"dpo"`` -> ``(None, "dpo")``."""
+    from snpo.bench.assets import ARCHS
+
+    head, _, rest = name.partition("/")
+    return (head, rest) if rest and head in ARCHS else (None, name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from snpo.bench.config import variant
+from snpo.bench.config import split_arch, variant
 from snpo.bench.timing import PHASES
 
 GiB = 2**30
@@ -120,6 +120,24 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         headline.append({"what": what, "target": target,
                          "ratio": ratio(pick(a, "step_s"), step(b)),
                          "ratio_cpu": ratio(pick(a, "cpu_step_s"), step(b, "cpu_step_s"))})
+    for what, a, b, target in (  # beyond the paper (docs/method.md): only the rows the run measured
+        ("DPO + SDPO safeguard vs DPO step time", "dpo-safeguard", "dpo", "paper: marginal overhead"),
+        ("SNPO + SDPO safeguard vs SNPO step time", "snpo-safeguard", "snpo", ""),
+        ("Diffusion-KTO vs DPO step time (the same images a step)", "kto", "dpo", ""),
+        ("MaPO vs DPO step time (no reference forward)", "mapo", "dpo", "below 1"),
+        ("MaPO vs SNPO full fine-tune: step time", "mapo-full", "snpo-full", "below 1"),
+    ):
+        if step(a) and step(b):
+            headline.append({"what": what, "target": target, "ratio": ratio(step(a), step(b)),
+                             "ratio_cpu": ratio(step(a, "cpu_step_s"), step(b, "cpu_step_s"))})
+    for what, a, b in (
+        ("DPO + SDPO safeguard vs DPO: peak memory", peak("dpo-safeguard"), peak("dpo")),
+        ("Diffusion-KTO vs DPO: peak memory", peak("kto"), peak("dpo")),
+        ("MaPO vs DPO: peak memory", peak("mapo"), peak("dpo")),
+        ("MaPO vs SNPO full fine-tune: peak memory (no frozen reference copy)", peak("mapo-full"), peak("snpo-full")),
+    ):
+        if a and b:
+            headline.append({"what": what, "target": "", "ratio": ratio(a, b), "ratio_cpu": None})
     for what, a, b in (
         ("snpo default vs the reference script: peak memory", peak("dpo"), peak("reference-script")),
         ("Diff-NPO vs SNPO: peak memory of its larger run", npo_peak, peak("snpo")),
@@ -145,9 +163,28 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "speedup_paper_schedule": ref_pair / (cached_pair + per_pair / PAPER_EPOCHS),
             "paper_epochs": PAPER_EPOCHS,
         }
+    compare = config.get("compare_arch")
+    archs = []
+    if compare:  # the same configuration on both architectures, side by side
+        for name, entry in variants.items():
+            other = variants.get(f"{compare}/{name}")
+            if other is None or "/" in name and name.split("/", 1)[0] == compare:
+                continue
+            archs.append({
+                "configuration": name, "pairs_per_s": entry["pairs_per_s"], "compare_pairs_per_s": other["pairs_per_s"],
+                "step_ratio": ratio(entry["step_s"], other["step_s"]),
+                "cpu_ratio": ratio(entry.get("cpu_step_s"), other.get("cpu_step_s")),
+                "flops_ratio": ratio((entry.get("flops_per_step") or {}).get("total"),
+                                     (other.get("flops_per_step") or {}).get("total")),
+                "peak_gib": entry["peak_gib"], "compare_peak_gib": other["peak_gib"],
+                "peak_ratio": ratio(entry["peak_gib"], other["peak_gib"]),
+                "parameters": (entry.get("parameters") or {}).get("denoiser"),
+                "compare_parameters": (other.get("parameters") or {}).get("denoiser"),
+            })
     return {
         "variants": variants, "failures": failures, "headline": headline,
         "speedups": speedups, "cache_amortised": amortised, "peak_matmul_flops": peak_rate,
+        "archs": archs,
     }
 
 
@@ -156,11 +193,17 @@ def _f(value: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     s, config, machine = results["summary"], results["config"], results["machine"]
     probe = results.get("probe") or {}
+    compare = config.get("compare_arch")
     lines = [
-        f"### {config['arch']} architecture (random weights), {config['resolution']} px, "
+        f"### {config['arch']} architecture{' next to ' + compare if compare else ''} (random weights), "
+        f"{config['resolution']} px, "
         f"{config['batch_size']} pairs/step, LoRA r{config['lora_rank']}, "
         f"precision {config['mixed_precision']}",
         "",
@@ -181,8 +224,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         "| policy fwd | ref. fwd | policy bwd | optimizer | other | GFLOP/step | MFU |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    ref = s["variants"].get("reference-script", {}).get("step_s")
     for name, e in s["variants"].items():
+        arch = split_arch(name)[0]  # a compare_arch row: against that architecture's script
+        ref = s["variants"].get(f"{arch}/reference-script" if arch else "reference-script", {}).get("step_s")
         p = e["phases_s"]
         flops = (e.get("flops_per_step") or {}).get("total")
         lines.append(
@@ -191,6 +235,21 @@ def render_markdown(results: dict[str, Any]) -> str:
             + " | ".join(_f(p[k]) for k in PHASES)
             + f" | {_f(flops / 1e9 if flops else None, '{:.0f}')} | {_f(e.get('mfu'), '{:.1%}')} |"
         )
+    if s.get("archs"):
+        arch = config["arch"]
+        lines += ["", f"Architectures side by side (rows `{compare}/...` above; same run, same settings, "
+                  "interleaved):", "",
+                  f"| configuration | {arch} pairs/s | {compare} pairs/s | step time {arch} / {compare} "
+                  f"| step CPU time {arch} / {compare} | GFLOP/step {arch} / {compare} "
+                  f"| {arch} peak GiB | {compare} peak GiB | peak memory {arch} / {compare} "
+                  f"| denoiser parameters {arch} / {compare} |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for a in s["archs"]:
+            params = (f"{_count(a['parameters'])} / {_count(a['compare_parameters'])}"
+                      if a.get("parameters") and a.get("compare_parameters") else "-")
+            lines.append(f"| {a['configuration']} | {a['pairs_per_s']:.3f} | {a['compare_pairs_per_s']:.3f} | "
+                         f"{_f(a['step_ratio'], '{:.2f}x')} | {_f(a.get('cpu_ratio'), '{:.2f}x')} | "
+                         f"{_f(a.get('flops_ratio'), '{:.2f}x')} | {_f(a['peak_gib'])} | {_f(a['compare_peak_gib'])} | "
+                         f"{_f(a['peak_ratio'], '{:.2f}x')} | {params} |")
     lines += ["", "| comparison | wall clock | CPU time | target / paper |", "|---|---|---|---|"]
     for h in s["headline"]:
         lines.append(f"| {h['what']} | {_f(h['ratio'], '{:.2f}x')} | "
@@ -209,12 +268,16 @@ def render_markdown(results: dict[str, Any]) -> str:
                   f"reference script counting the build: {a['speedup_1_epoch']:.2f}x for one epoch, "
                   f"{a['speedup_paper_schedule']:.2f}x over the Diffusion-DPO schedule "
                   f"({a['paper_epochs']:.1f} epochs)."]
-    for key, title in (("optimizer_lora", "LoRA adapters"), ("optimizer_full", "full UNet")):
+    other = results.get("compare") or {}
+    if (other.get("cache") or {}).get("cache_build_s"):
+        lines += ["", f"{other['arch']} cache build: {other['cache']['cache_build_s']:.1f} s for "
+                  f"{other['cache']['num_pairs']} pairs."]
+    for key, title in (("optimizer_lora", "LoRA adapters"), ("optimizer_full", "full denoiser")):
         o = probe.get(key)
         if o:
             scale = o.get("scale_to_full", 1.0)
             what = f"{o['parameters'] / 1e6:.1f}M parameters" + (
-                f", a prefix of the UNet's tensors, times {scale:.1f} for all of it" if scale > 1.001 else "")
+                f", a prefix of the denoiser's tensors, times {scale:.1f} for all of it" if scale > 1.001 else "")
             lines.append(f"- AdamW step, {title} ({what}): " + ", ".join(
                 f"{impl} {_f(o.get(impl) * scale * 1e3 if o.get(impl) is not None else None, '{:.1f}')} ms"
                 for impl in ("forloop", "foreach", "fused")))

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from snpo.bench.config import QUICK_OVERRIDES, BenchConfig, variant
+from snpo.bench.config import QUICK_OVERRIDES, BenchConfig, split_arch, variant
 from snpo.bench.timing import PHASES
 
 GiB = 2**30
@@ -94,7 +94,8 @@ class Launcher:
 
             return run_spec(spec)
         self.count += 1
-        spec_path = self.folder / f"spec-{self.count:03d}-{spec.get('name', spec['kind'])}.json"
+        label = str(spec.get("name", spec["kind"])).replace("/", "_")  # compare_arch rows: "sd15/dpo"
+        spec_path = self.folder / f"spec-{self.count:03d}-{label}.json"
         result_path = spec_path.with_name(spec_path.name.replace("spec-", "result-"))
         spec_path.write_text(json.dumps(spec, indent=1))
         try:
@@ -115,7 +116,7 @@ def _say(message: str) -> None:
 
 
 def variant_spec(name: str, config: BenchConfig, assets: dict[str, Any], out: Path, round_: int) -> dict[str, Any]:
-    """The worker spec of configuration ``name``."""
+    """The worker spec of configuration ``name`` on the model and data of ``assets``."""
     v = variant(name)
     measure = config.measure_steps
     if v.get("method") == "objectives":
@@ -123,18 +124,19 @@ def variant_spec(name: str, config: BenchConfig, assets: dict[str, Any], out: Pa
     spec: dict[str, Any] = {
         "kind": v.get("kind", "snpo"), "name": name, "model": assets["model"],
         "dataset": assets["dataset"], "cache_dir": assets["cache_dir"],
-        "resolution": config.resolution, "batch_size": config.batch_size,
+        "resolution": config.resolution, "batch_size": config.batch_size * v.get("batch_scale", 1),
         "lora_rank": v.get("lora_rank", config.lora_rank), "mixed_precision": config.mixed_precision,
         "beta": v.get("beta", config.beta), "seed": config.seed,
         "warmup_steps": config.warmup_steps, "measure_steps": measure,
         "count_flops": config.count_flops,
     }
     for key in ("objectives", "method", "cached", "attention", "channels_last",
-                "torch_compile", "optimizer"):
+                "torch_compile", "optimizer", "safeguard"):
         if key in v:
             spec[key] = v[key]
     if "store" in v:
-        store = out / f"reference-errors-round{round_}"
+        arch = split_arch(name)[0]
+        store = out / (f"reference-errors-round{round_}" + (f"-{arch}" if arch else ""))
         if v["store"] == "write":
             shutil.rmtree(store, ignore_errors=True)
         spec["reference_errors_dir"] = str(store)
@@ -176,48 +178,63 @@ def run_bench(config: BenchConfig) -> Path:
     launch = Launcher(config, specs_dir)
     info = machine_info(config)
     plan = config.plan()
-    _say(f"{info['device']}; {config.arch} at {config.resolution} px, {config.batch_size} pairs/step, "
-         f"LoRA r{config.lora_rank}, precision {config.mixed_precision}; plan: {', '.join(plan)}")
+    _say(f"{info['device']}; {' and '.join(config.archs())} at {config.resolution} px, {config.batch_size} "
+         f"pairs/step, LoRA r{config.lora_rank}, precision {config.mixed_precision}; plan: {', '.join(plan)}")
 
-    # ---- assets (built once per work_dir), the cache (timed), the probes -------------------
+    # ---- assets (built once per work_dir), the caches (timed), the probes ---------------------
     # one epoch of a configuration's steps (longer runs, e.g. `objectives`, go on to more epochs)
     n_pairs = max(4, (config.warmup_steps + config.measure_steps) * config.batch_size)
-    image_size = 512 if config.arch != "tiny" else 64
-    assets = launch({"kind": "assets", "name": "assets", "work_dir": str(work), "arch": config.arch,
-                     "seed": config.seed, "n_pairs": n_pairs, "image_size": image_size})
-    if not assets.get("ok"):
-        raise RuntimeError(f"bench: building the {config.arch} assets failed: {assets.get('error')}")
-    _say(f"model {assets['model']}" + (f" (built in {assets['model_build_s']:.0f} s)" if assets["model_build_s"] else ""))
-    cache_dir = out / "cache"
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    cache = launch({"kind": "cache", "name": "cache", "model": assets["model"], "dataset": assets["dataset"],
-                    "cache_dir": str(cache_dir), "resolution": config.resolution,
-                    "mixed_precision": config.mixed_precision, "batch_size": config.batch_size,
-                    "seed": config.seed})
-    if not cache.get("ok"):
-        raise RuntimeError(f"bench: building the latent/text cache failed: {cache.get('error')}")
-    assets["cache_dir"] = str(cache_dir)
-    _say(f"cache: {cache['num_pairs']} pairs in {cache['cache_build_s']:.1f} s")
-    probe = launch({"kind": "probe", "name": "probe", "model": assets["model"],
-                    "lora_rank": config.lora_rank, "mixed_precision": config.mixed_precision})
-    if probe.get("ok"):
-        _say(f"matmul: {probe.get('matmul_fp32_flops', 0) / 1e9:.1f} GFLOP/s fp32"
-             + (f", {probe['matmul_bf16_flops'] / 1e12:.1f} TFLOP/s bf16" if "matmul_bf16_flops" in probe else ""))
+    per_arch: dict[str, dict[str, Any]] = {}
+    for arch in config.archs():
+        image_size = 64 if arch.startswith("tiny") else 512
+        assets = launch({"kind": "assets", "name": "assets", "work_dir": str(work), "arch": arch,
+                         "seed": config.seed, "n_pairs": n_pairs, "image_size": image_size})
+        if not assets.get("ok"):
+            raise RuntimeError(f"bench: building the {arch} assets failed: {assets.get('error')}")
+        _say(f"model {assets['model']}" + (f" (built in {assets['model_build_s']:.0f} s)" if assets["model_build_s"] else ""))
+        cache_dir = out / ("cache" if arch == config.arch else f"cache-{arch}")
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        cache = launch({"kind": "cache", "name": "cache", "model": assets["model"], "dataset": assets["dataset"],
+                        "cache_dir": str(cache_dir), "resolution": config.resolution,
+                        "mixed_precision": config.mixed_precision, "batch_size": config.batch_size,
+                        "seed": config.seed})
+        if not cache.get("ok"):
+            raise RuntimeError(f"bench: building the {arch} latent/text cache failed: {cache.get('error')}")
+        assets["cache_dir"] = str(cache_dir)
+        _say(f"{arch} cache: {cache['num_pairs']} pairs in {cache['cache_build_s']:.1f} s")
+        probe = launch({"kind": "probe", "name": "probe", "model": assets["model"],
+                        "lora_rank": config.lora_rank, "mixed_precision": config.mixed_precision})
+        if probe.get("ok"):
+            _say(f"matmul: {probe.get('matmul_fp32_flops', 0) / 1e9:.1f} GFLOP/s fp32"
+                 + (f", {probe['matmul_bf16_flops'] / 1e12:.1f} TFLOP/s bf16" if "matmul_bf16_flops" in probe else ""))
+        per_arch[arch] = {"assets": {**assets, "image_size": image_size}, "cache": cache, "probe": probe}
+    main = per_arch[config.arch]
+    assets, cache, probe = main["assets"], main["cache"], main["probe"]
 
-    # ---- the configurations, interleaved over rounds ------------------------------------------
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in plan}
+    # ---- the configurations, interleaved over rounds (and architectures) ----------------------
+    from snpo.bench.assets import FLOW_ARCHS
+
+    names = [name if arch == config.arch else f"{arch}/{name}" for name in plan for arch in config.archs()]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     skipped: dict[str, str] = {}
     for round_ in range(config.rounds):
-        for name in plan:
+        for name in names:
             if name in skipped:
                 continue
-            if name.startswith("snpo-full") and info["device_type"] == "cpu":
-                fits, why = _full_finetune_fits(config, probe if probe.get("ok") else {})
+            arch, base = split_arch(name)
+            arch = arch or config.arch
+            if base == "reference-script" and arch in FLOW_ARCHS:
+                skipped[name] = f"the diffusers Diffusion-DPO script trains SD1.5/SDXL UNets only ({arch} is a flow model)"
+                _say(f"skip {name}: {skipped[name]}")
+                continue
+            if (base.startswith("snpo-full") or base == "mapo-full") and info["device_type"] == "cpu":
+                arch_probe = per_arch[arch]["probe"]
+                fits, why = _full_finetune_fits(config, arch_probe if arch_probe.get("ok") else {})
                 if not fits:
                     skipped[name] = why
                     _say(f"skip {name}: {why}")
                     continue
-            spec = variant_spec(name, config, assets, out, round_)
+            spec = variant_spec(name, config, per_arch[arch]["assets"], out, round_)
             result = launch(spec)
             runs[name].append(result)
             if result.get("ok"):
@@ -232,9 +249,13 @@ def run_bench(config: BenchConfig) -> Path:
     info["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     results = {
         "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
-        "machine": info, "assets": {**assets, "n_pairs": n_pairs, "image_size": image_size},
+        "machine": info, "assets": {**assets, "n_pairs": n_pairs},
         "cache": cache, "probe": probe, "plan": plan, "skipped": skipped, "runs": runs,
     }
+    if config.compare_arch:
+        other = per_arch[config.compare_arch]
+        results["compare"] = {"arch": config.compare_arch, "assets": {**other["assets"], "n_pairs": n_pairs},
+                              "cache": other["cache"], "probe": other["probe"]}
     results["summary"] = summarize(results)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     markdown = render_markdown(results)

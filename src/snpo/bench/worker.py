@@ -121,7 +121,7 @@ def bench_train_config(spec: dict[str, Any]) -> Any:
 
     store_dir = spec.get("reference_errors_dir")
     method = spec.get("method", "snpo")
-    optional = {k: spec[k] for k in ("cfg_dropout",) if k in spec}  # else TrainConfig's default
+    optional = {k: spec[k] for k in ("cfg_dropout", "safeguard") if k in spec}  # else TrainConfig's default
     return TrainConfig(
         model_name_or_path=spec["model"], dataset_name=spec["dataset"],
         cache_dir=spec["cache_dir"] if spec.get("cached", True) else None,
@@ -237,18 +237,23 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, seconds: float
 
 
 def _unet_shapes(model: str, lora_rank: int) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
-    """Parameter shapes of the UNet (full fine-tune) and of its LoRA adapters (meta device)."""
-    from diffusers import UNet2DConditionModel
+    """Parameter shapes of the denoiser (the UNet, or SD3/FLUX's transformer: full fine-tune)
+    and of its LoRA adapters on the family's target modules (meta device)."""
+    import diffusers
 
-    from snpo.backbones.base import LORA_TARGET_MODULES
+    from snpo.backbones import BACKBONES, detect_family, read_model_index
 
-    config = UNet2DConditionModel.load_config(model, subfolder="unet")
+    index = read_model_index(model)
+    subfolder = "transformer" if "transformer" in index else "unet"
+    klass = getattr(diffusers, index[subfolder][1])
+    config = klass.load_config(model, subfolder=subfolder)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
+        unet = klass.from_config(config)
+    targets = BACKBONES[detect_family(model)].lora_target_modules
     full = [tuple(p.shape) for p in unet.parameters()]
     lora = []
     for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name.endswith(t) for t in LORA_TARGET_MODULES):
+        if isinstance(module, torch.nn.Linear) and any(name.endswith(t) for t in targets):
             lora += [(lora_rank, module.in_features), (module.out_features, lora_rank)]
     return full, lora
 

@@ -22,6 +22,7 @@ from snpo.data.sampler import GroupedShuffleSampler
 from snpo.data.skips import SkipReport
 from snpo.data.source import PAIRS, PreferenceSource, Schema
 from snpo.data.transforms import PairedTransform
+from snpo.data.unpaired import UnpairedDataset, collate_unpaired, load_unpaired_source
 
 __all__ = [
     "PAIRS",
@@ -36,6 +37,9 @@ __all__ = [
     "Schema",
     "SkipReport",
     "SkippedItem",
+    "UnpairedDataset",
     "collate_pairs",
+    "collate_unpaired",
     "load_preference_source",
+    "load_unpaired_source",
 ]

@@ -61,9 +61,24 @@ def load_preference_source(
     if isinstance(spec, PreferenceSource):
         return spec
     options = {"drop_ties": drop_ties, "dedup": dedup, "max_caption_chars": max_caption_chars}
+    store = open_store(spec, split=split, cache_row_groups=cache_row_groups)
+    if isinstance(store, LocalTableStore):
+        return PreferenceSource(store, PAIRS, **options)
+    return _source(store, **options)
+
+
+def open_store(
+    spec: str | Path | Any,
+    *,
+    split: str | None = None,
+    cache_row_groups: int = 2,
+    local_fields: tuple[str, ...] = PAIRS.required,
+) -> RowStore:
+    """The row store of ``spec`` (see the module docstring), before any schema is applied;
+    ``local_fields`` are the columns a JSONL/CSV file is read for (the unpaired reader,
+    ``snpo.data.unpaired``, asks for its own)."""
     if is_hf_dataset(spec):
-        dataset = pick_split(spec, split, type(spec).__name__)
-        return _source(HFDatasetStore(dataset), **options)
+        return HFDatasetStore(pick_split(spec, split, type(spec).__name__))
     if not isinstance(spec, str | Path):
         raise DataSourceError(f"cannot read a preference dataset from a {type(spec).__name__}")
 
@@ -71,25 +86,24 @@ def load_preference_source(
     path = Path(text).expanduser()
     if GLOB_CHARS & set(text):
         files = list_parquet_files(text, split)
-        return _source(ParquetStore(files, name=text, cache_row_groups=cache_row_groups), **options)
+        return ParquetStore(files, name=text, cache_row_groups=cache_row_groups)
     if path.is_dir():
         if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
-            return _source(HFDatasetStore(load_from_disk(path, split), name=text), **options)
+            return HFDatasetStore(load_from_disk(path, split), name=text)
         files = list_parquet_files(path, split)
-        return _source(ParquetStore(files, name=text, cache_row_groups=cache_row_groups), **options)
+        return ParquetStore(files, name=text, cache_row_groups=cache_row_groups)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in LOCAL_SUFFIXES:
-            return PreferenceSource(LocalTableStore(path, fields=PAIRS.required), PAIRS, **options)
+            return LocalTableStore(path, fields=local_fields)
         if suffix == ".parquet":
             named = split_of(path)  # a shard named for another split is not silently used
             if split is not None and named is not None and named != split:
                 raise DataSourceError(f"no parquet shards of split '{split}' in {path} (it is a '{named}' shard)")
-            store = ParquetStore([path], cache_row_groups=cache_row_groups)
-            return _source(store, **options)
+            return ParquetStore([path], cache_row_groups=cache_row_groups)
         raise DataSourceError(f"{path}: unsupported file type (use .parquet, .jsonl or .csv)")
     if HUB_ID.match(text) and path.suffix.lower() not in {*LOCAL_SUFFIXES, ".parquet"}:
-        return _from_hub(text, split, cache_row_groups, options)
+        return _from_hub(text, split, cache_row_groups)
     raise DataSourceError(f"no such file or directory: {text}")
 
 
@@ -107,9 +121,7 @@ def hub_patterns(split: str) -> list[str]:
     ]
 
 
-def _from_hub(
-    repo_id: str, split: str | None, cache_row_groups: int, options: dict[str, Any]
-) -> PreferenceSource:
+def _from_hub(repo_id: str, split: str | None, cache_row_groups: int) -> RowStore:
     """Fetch a hub dataset's parquet shards (lazily imported ``huggingface_hub``)."""
     split = split or "train"
     try:
@@ -129,7 +141,6 @@ def _from_hub(
         if any(fnmatch(p.relative_to(folder).as_posix(), pat) for pat in patterns)
     )
     if files:
-        store = ParquetStore(files, name=repo_id, cache_row_groups=cache_row_groups)
-        return _source(store, **options)
+        return ParquetStore(files, name=repo_id, cache_row_groups=cache_row_groups)
     # no parquet shards (a script- or JSON-based repo): let datasets build it
-    return _source(HFDatasetStore(load_hub_dataset(repo_id, split), name=repo_id), **options)
+    return HFDatasetStore(load_hub_dataset(repo_id, split), name=repo_id)

@@ -56,8 +56,10 @@ class SkipReport:
     report that came from ``scan()`` lowers ``kept`` by one, as it should.
     """
 
-    def __init__(self, total_seen: int = 0, counts: Mapping[str, int] | None = None) -> None:
+    def __init__(self, total_seen: int = 0, counts: Mapping[str, int] | None = None, *,
+                 unit: str = "pairs") -> None:
         self.total_seen = int(total_seen)
+        self.unit = unit  # what a row is, in summaries: pairs, or rows of unpaired feedback
         self._plain: Counter[str] = Counter(dict(counts or {}))
         self._keyed: set[tuple[str, str]] = set()
 
@@ -99,7 +101,7 @@ class SkipReport:
 
     def copy(self) -> SkipReport:
         """An independent copy."""
-        return SkipReport().merge(self)
+        return SkipReport(unit=self.unit).merge(self)
 
     # -- reading ---------------------------------------------------------------------------
     @property
@@ -132,7 +134,7 @@ class SkipReport:
     def summary(self) -> str:
         """One line, e.g. ``kept 812 of 1000 pairs; skipped: tie 150, empty_caption 35``."""
         parts = ", ".join(f"{k} {n}" for k, n in self.counts.items()) or "none"
-        return f"kept {self.kept} of {self.total_seen} pairs; skipped: {parts}"
+        return f"kept {self.kept} of {self.total_seen} {self.unit}; skipped: {parts}"
 
     def as_dict(self) -> dict[str, Any]:
         """Plain-data form for logs and JSON: totals and counts per kind."""

@@ -24,6 +24,13 @@ the null-branch network is the Diff-NPO merge ``theta_ref + a (theta_pos - theta
 (theta_npo - theta_ref)`` (``npo_merge_a``, ``npo_merge_b``; public code: 1 and 1); pass an
 already merged model (``snpo merge``) with ``npo_merge false``.
 
+Defaults per family (``scheduler: auto``, ``num_inference_steps`` and ``guidance_scale`` null):
+the paper's protocol (DDIM 50 steps, CFG 7.5) for SD1.5, SDXL and the toy; the pipelines' own
+defaults for SD3 (flow-matching Euler, 28 steps, CFG 7.0) and FLUX.1 (28 steps, its embedded
+guidance ``embedded_guidance_scale`` and no null branch; with ``true_cfg`` true CFG on the
+empty prompt at ``guidance_scale``, default 4.0). Flow models sample with the T5 length they
+were trained with (``max_sequence_length``). The resolved values are what the manifest records.
+
 Images. Seed ``s`` draws the initial latent from ``torch.Generator("cpu").manual_seed(s)``
 for every prompt: the same start a diffusers pipeline makes for ``pipe(prompt,
 generator=torch.Generator("cpu").manual_seed(s))``, and the same across runs, so runs are
@@ -86,18 +93,24 @@ class SampleConfig:
     prompts_split: str | None = None  # Pick-a-Pic: train, validation, test, test_unique, ...
     max_prompts: int | None = None  # the first N prompts of the set
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # one image per prompt per seed
-    num_inference_steps: int = 50  # denoising steps (the paper: 50)
-    guidance_scale: float = 7.5  # CFG scale (the paper: 7.5)
-    scheduler: str = "ddim"  # ddim | ddpm | pndm | euler | euler_a | dpm++ | unipc | a diffusers class name
+    num_inference_steps: int | None = None  # denoising steps; null = the family's (SD1.5/SDXL/toy: 50, the paper; SD3, FLUX: 28, their pipelines')
+    guidance_scale: float | None = None  # CFG scale; null = the family's (SD1.5/SDXL/toy: 7.5, the paper; SD3: 7.0; FLUX: 1 = no null branch, with true_cfg 4.0)
+    scheduler: str = "auto"  # auto (the family's: ddim; FlowMatchEulerDiscreteScheduler for SD3/FLUX) | ddim | ddpm | pndm | euler | euler_a | dpm++ | unipc | a diffusers class name
     resolution: int | None = None  # None: the model's own (SD1.5 512, SDXL 1024)
     batch_size: int = 8  # prompts per forward
     output_dir: str = "snpo-samples"  # images/, manifest.jsonl, sample_settings.json
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "fp32"  # fp32 | fp16 | bf16 (float32 / float16 / bfloat16 accepted)
     show_progress: bool = True  # progress bars
+    # flow-matching models (SD3 / FLUX): as the model was trained (the keys of `snpo train`)
+    max_sequence_length: int | None = None  # T5 tokens of the prompt; null = the pipeline's default (SD3 256, FLUX 512)
+    use_t5: bool = True  # SD3: encode prompts with T5 (false: zeros in its place, as the pipeline without text_encoder_3)
+    embedded_guidance_scale: float = 3.5  # FLUX.1-dev: the guidance value its transformer takes as an input (pipeline default 3.5)
+    true_cfg: bool = False  # FLUX: true CFG, a null branch on the empty prompt at scale guidance_scale (FluxPipeline's true_cfg_scale)
 
     def __post_init__(self) -> None:
         self.notes: list[str] = []
+        self._family: str | None = None  # the model's family, once read (resolve_defaults)
         if self.vae is not None:
             self.notes.append("vae: read as pretrained_vae_model_name_or_path (the name snpo train uses)")
             if self.pretrained_vae_model_name_or_path not in (None, self.vae):
@@ -113,12 +126,43 @@ class SampleConfig:
         return get_method(self.method or ("chats" if self.chats else "npo-negative" if self.npo_negative
                                           else "snpo"))
 
+    def resolve_defaults(self) -> str:
+        """The model's family (from its ``model_index.json``, no weights), with the family's
+        scheduler, steps and guidance scale filled in where none were given; returns the family."""
+        from snpo.backbones import BACKBONES, detect_family
+
+        if self._family is None:
+            self._family = detect_family(self.model_name_or_path, revision=self.revision)
+        defaults = BACKBONES[self._family].sampling_defaults(true_cfg=self.true_cfg)
+        if self.scheduler == "auto":
+            self.scheduler = defaults["scheduler"]
+        if self.num_inference_steps is None:
+            self.num_inference_steps = defaults["num_inference_steps"]
+        if self.guidance_scale is None:
+            self.guidance_scale = defaults["guidance_scale"]
+        return self._family
+
+    def family_settings(self) -> dict[str, Any]:
+        """The family keys that change this family's images (none for SD1.5/SDXL/toy), with the
+        family's defaults filled in: part of the sampling settings."""
+        from snpo.backbones import BACKBONES, family_options
+
+        cls = BACKBONES[self.resolve_defaults()]
+        names = [k for k in ("use_t5", "max_sequence_length", "embedded_guidance_scale", "true_cfg")
+                 if k in cls.loading_options or k in cls.setting_names]
+        out = {k: v for k, v in family_options(self).items() if k in names}
+        if "max_sequence_length" in out and out["max_sequence_length"] is None:
+            out["max_sequence_length"] = int(cls.max_sequence_length)
+        return out
+
     def validate(self) -> None:
-        """Every check that needs no model: one-line errors naming the key."""
+        """Every check that needs no model weights (the family is read from the model's
+        ``model_index.json``): one-line errors naming the key."""
         if not self.model_name_or_path:
             raise ConfigError(
                 "model_name_or_path: required (a pipeline folder, hub id or toy folder)"
             )
+        family = self.resolve_defaults()
         if not self.prompts:
             raise ConfigError(
                 "prompts: required (a .txt, HPDv2 .json, PartiPrompts .tsv or Pick-a-Pic parquet)"
@@ -152,6 +196,7 @@ class SampleConfig:
             if role in needs and not needs[role][1]:
                 raise ConfigError(f"{needs[role][0]}: method {self.method} samples with a {role} "
                                   f"network; give {needs[role][0]}")
+        self._check_null_branch(family, roles)
         resolve_device(self.device)
         for name in ("npo_merge_a", "npo_merge_b", "chats_proxy_alpha"):
             if not math.isfinite(getattr(self, name)):
@@ -178,6 +223,23 @@ class SampleConfig:
                         f"chats: {self.chats} has no {part}/ (expected a CHATS output folder)"
                     )
                 self._check_weights("chats", str(Path(self.chats) / part), None)
+
+    def _check_null_branch(self, family: str, roles: Sequence[str]) -> None:
+        """A FLUX model without true CFG samples with no null branch: CFG (guidance_scale != 1)
+        and the dual-model guides (which evaluate a network on the null condition) do not apply."""
+        from snpo.backbones import family_options, has_null_branch
+
+        if has_null_branch(family, family_options(self)):
+            return
+        if {"npo", "lose"} & set(roles):
+            raise ConfigError(f"method: {self.method_spec().name} samples a network on the null branch, which "
+                              f"this {family} model runs only with true CFG; set true_cfg: true")
+        if self.guidance_scale != 1:
+            raise ConfigError(
+                f"guidance_scale: this {family} model samples with no null branch (its distilled guidance "
+                f"is embedded_guidance_scale), so the CFG scale must be 1; set true_cfg: true for true CFG "
+                f"on the empty prompt at this scale, got {self.guidance_scale!r}"
+            )
 
     @staticmethod
     def _check_weights(name: str, path: str | None, expected: str | None) -> None:
@@ -230,6 +292,7 @@ class SampleConfig:
 
     def sampling_settings(self) -> dict[str, Any]:
         """Settings that change the images (batch size and seeds do not: see the docstring)."""
+        self.resolve_defaults()
         guidance = self.resolved_chats_guidance_scale if self.chats else self.guidance_scale
         return {
             "num_inference_steps": self.num_inference_steps,
@@ -237,6 +300,7 @@ class SampleConfig:
             "scheduler": self.scheduler,
             "resolution": self.resolution,
             "dtype": LEGACY_DTYPE_NAMES[self.dtype],  # as manifests have always recorded it
+            **self.family_settings(),  # flow models: T5 length, FLUX guidance and true CFG
         }
 
 
@@ -322,9 +386,13 @@ class Sampler:
 
 
 def latent_geometry(backbone: Any, resolution: int | None) -> tuple[tuple[int, int, int], int]:
-    """(latent shape, image side) for a square image of ``resolution`` (None: the model's)."""
+    """(latent shape, image side) for a square image of ``resolution`` (None: the model's).
+    A family with its own rule (flow models: FLUX packs 4x the channels and has no
+    ``sample_size``) gives it as ``backbone.latent_geometry``."""
     from snpo.backbones.toy import ToyBackbone
 
+    if hasattr(backbone, "latent_geometry"):
+        return backbone.latent_geometry(resolution)
     if isinstance(backbone, ToyBackbone):
         factor, default = backbone.config.patch_size, backbone.config.resolution
     else:
@@ -381,12 +449,13 @@ class GuideSettings:
 
 def load_sampler(config: SampleConfig) -> Sampler:
     """Load the model and build the guide of ``config``'s method, on its device and dtype."""
-    from snpo.backbones import load_backbone
+    from snpo.backbones import family_options, load_backbone
 
+    config.resolve_defaults()
     spec = config.method_spec()
     backbone = load_backbone(
         config.model_name_or_path, vae_path=config.pretrained_vae_model_name_or_path,
-        revision=config.revision,
+        revision=config.revision, options=family_options(config),
     )
     device, dtype = resolve_device(config.device), torch_dtype(config.dtype)
     base = backbone.denoiser.eval().requires_grad_(False)

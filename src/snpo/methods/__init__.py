@@ -6,6 +6,8 @@ once its objective is registered in ``snpo.objectives``.
 """
 
 from snpo.methods.chats import CHATS
+from snpo.methods.kto import KTO
+from snpo.methods.mapo import MAPO
 from snpo.methods.npo import NPO_NEGATIVE
 from snpo.methods.registry import (
     METHODS,
@@ -13,6 +15,7 @@ from snpo.methods.registry import (
     Method,
     MethodSpec,
     UsageContext,
+    check_sampler_fits,
     get_method,
     register_method,
 )
@@ -25,6 +28,8 @@ register_method(single_network_method("snpo-naive"))
 register_method(single_network_method("snpo"))
 register_method(NPO_NEGATIVE)
 register_method(CHATS)
+register_method(KTO)  # beyond the paper: Diffusion-KTO (unpaired feedback)
+register_method(MAPO)  # beyond the paper: MaPO (reference-free)
 
 __all__ = [
     "METHODS",
@@ -33,6 +38,7 @@ __all__ = [
     "MethodSpec",
     "SingleNetworkMethod",
     "UsageContext",
+    "check_sampler_fits",
     "get_method",
     "register_method",
     "single_network_method",

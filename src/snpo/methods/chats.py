@@ -266,6 +266,6 @@ def _usage(ctx: UsageContext) -> str:
 CHATS = MethodSpec(
     name="chats", title="CHATS (win and lose networks)", build=_build, validate=_validate,
     trained_networks=("win", "lose"), sampling_roles=("win", "lose"), make_guide=_guide,
-    guide_name="chats", usage=_usage, usage_language="bash",
+    guide_name="chats", usage=_usage, usage_language="bash", trains_null_branch=True,
     summary="CHATS: win and lose networks trained together; proxy-prompt guidance",
 )

@@ -128,6 +128,6 @@ def _usage(ctx: UsageContext) -> str:
 NPO_NEGATIVE = MethodSpec(
     name="npo-negative", title="Diff-NPO's negative model (dpo on reversed labels)", build=_build,
     validate=_validate, sampling_roles=("policy", "npo"), training_runs=2, make_guide=_guide,
-    guide_name="npo", usage=_usage, usage_language="bash",
+    guide_name="npo", usage=_usage, usage_language="bash", trains_null_branch=True,
     summary="Diff-NPO's second network: dpo on reversed labels (merge with `snpo merge`)",
 )

@@ -113,12 +113,36 @@ class MethodSpec:
     reuses_reference_errors: bool = False
     #: the objective of a single-network method (None for the others)
     objective: str | None = None
+    #: it trains what the sampler's null (unconditional) branch evaluates (the SNPO swap, the
+    #: NPO model, CHATS' lose network): meaningless for a model sampled without a null
+    #: branch (guidance-distilled FLUX without true CFG); :func:`check_sampler_fits`
+    trains_null_branch: bool = False
     summary: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sampling_networks(self) -> int:
         return len(self.sampling_roles)
+
+
+def check_sampler_fits(spec: MethodSpec, config: Any, *, has_null_branch: bool, family: str) -> None:
+    """Refuse to train what the model's sampler never uses: a method that trains the null
+    branch, or prompt dropout (``cfg_dropout > 0``), for a model sampled without a null branch
+    (FLUX.1 without ``true_cfg``: guidance-distilled, or timestep-distilled schnell)."""
+    if has_null_branch:
+        return
+    if spec.trains_null_branch:
+        raise ConfigError(
+            f"method: {spec.name} trains the network of CFG's null (unconditional) branch, which this "
+            f"{family} model never runs when sampling (guidance-distilled, no true CFG); set true_cfg: true "
+            f"to train and sample with true CFG on the empty prompt, or use dpo, bdpo or sft"
+        )
+    if getattr(config, "cfg_dropout", 0) > 0:
+        raise ConfigError(
+            f"cfg_dropout: this {family} model samples without a null branch (no true_cfg), so dropping "
+            f"the prompt trains a branch the sampler never runs; set cfg_dropout: 0 (as the flux presets "
+            f"do) or true_cfg: true, got {config.cfg_dropout!r}"
+        )
 
 
 METHODS: dict[str, MethodSpec] = {}

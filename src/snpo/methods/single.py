@@ -9,7 +9,8 @@ SNPO objectives happens there. (All draws: ``snpo.methods.draws``.)
 
 Chosen and rejected images go through the denoiser as one batch of 2B, the reference the
 same, so a step costs one policy forward/backward and one reference forward, whatever the
-objective.
+objective. With Diffusion-SDPO's safeguard (``safeguard``) the loser's gradient is scaled by
+a factor from the policy's residuals (``snpo.objectives.sdpo``): no extra forward or backward.
 
 :func:`single_network_method` describes the method of one registered objective for the
 method registry (``method: dpo``, ``method: snpo``, ...).
@@ -28,6 +29,7 @@ from snpo.errors import ConfigError
 from snpo.methods.draws import draw_pairs
 from snpo.methods.registry import BuiltMethod, MethodSpec
 from snpo.objectives import OBJECTIVES, ObjectiveConfig, preference_loss, validate_objective_args
+from snpo.objectives.sdpo import safeguard_errors, validate_safeguard_args
 
 
 @dataclass
@@ -39,6 +41,9 @@ class PairErrors:
     ref_err_chosen: Tensor
     ref_err_rejected: Tensor
     negative: Tensor
+    #: ``prediction - target`` of the policy (2B rows, chosen first, detached, float32), only
+    #: when asked for (Diffusion-SDPO's safeguard, ``snpo.objectives.sdpo``)
+    residual: Tensor | None = None
 
 
 def pair_errors(
@@ -53,12 +58,14 @@ def pair_errors(
     *,
     with_reference: bool = True,
     reference_errors: tuple[Tensor, Tensor] | None = None,
+    with_residuals: bool = False,
 ) -> PairErrors:
     """Policy (and reference) errors of both images of each pair, on the branch ``negative``.
 
     ``cond`` has 2B rows (chosen images first), as ``Backbone.encode_batch`` returns it.
     ``reference_errors`` (chosen, rejected), stored by an earlier run with the same noise
-    (``snpo.training.reference_errors``), replace the reference forward.
+    (``snpo.training.reference_errors``), replace the reference forward. ``with_residuals``
+    also returns the policy's ``prediction - target`` (no gradient; the errors are the same).
     """
     negative2 = torch.cat([negative, negative])
     cond2 = select_condition(negative2, backbone.null_condition(cond), cond)
@@ -67,7 +74,9 @@ def pair_errors(
     noisy = backbone.add_noise(latents, noise2, timesteps2)
     target = backbone.training_target(latents, noise2, timesteps2)
 
-    err = per_sample_mse(backbone.predict(model, noisy, timesteps2, cond2), target)
+    prediction = backbone.predict(model, noisy, timesteps2, cond2)
+    err = per_sample_mse(prediction, target)
+    residual = (prediction.detach().float() - target.float()) if with_residuals else None
     if reference_errors is not None:
         ref_err = torch.cat(reference_errors).to(err.device, err.dtype)
     elif with_reference:
@@ -77,7 +86,7 @@ def pair_errors(
         ref_err = err.detach()
     err_chosen, err_rejected = err.chunk(2)
     ref_chosen, ref_rejected = ref_err.chunk(2)
-    return PairErrors(err_chosen, err_rejected, ref_chosen, ref_rejected, negative)
+    return PairErrors(err_chosen, err_rejected, ref_chosen, ref_rejected, negative, residual)
 
 
 class SingleNetworkMethod:
@@ -85,7 +94,7 @@ class SingleNetworkMethod:
 
     def __init__(
         self, backbone: Backbone, objective: ObjectiveConfig, cfg_dropout: float,
-        *, reference_store: Any = None,
+        *, reference_store: Any = None, safeguard: tuple[float, str] | None = None,
     ) -> None:
         if not 0 <= cfg_dropout < 1:
             raise ConfigError(f"cfg_dropout: expected a probability in [0, 1), got {cfg_dropout!r}")
@@ -97,6 +106,9 @@ class SingleNetworkMethod:
         #: a ``ReferenceErrorStore`` (``precompute_reference``): stored reference errors are
         #: used instead of a reference forward, and missing ones are computed and recorded
         self.reference_store = reference_store
+        #: Diffusion-SDPO's safeguard ``(mu, scope)`` on the loser's gradient, or None
+        #: (``snpo.objectives.sdpo``; the loss value and metrics are unchanged)
+        self.safeguard = safeguard
 
     def compute_loss(
         self, model: nn.Module, batch: dict[str, Any], pair_seeds: list[int]
@@ -107,20 +119,39 @@ class SingleNetworkMethod:
         store = self.reference_store
         stored = store.lookup(pair_seeds, batch) if store is not None else None
         errors = pair_errors(self.backbone, model, chosen, rejected, cond, draws.noise,
-                             draws.timesteps, draws.coin, reference_errors=stored)
+                             draws.timesteps, draws.coin, reference_errors=stored,
+                             with_residuals=self.safeguard is not None)
         if store is not None and stored is None:
             store.record(pair_seeds, batch, errors.ref_err_chosen, errors.ref_err_rejected)
         obj = self.objective
-        return preference_loss(
-            errors.err_chosen, errors.err_rejected, errors.ref_err_chosen, errors.ref_err_rejected,
+        err_chosen, err_rejected, factor = errors.err_chosen, errors.err_rejected, None
+        if self.safeguard is not None:
+            res_chosen, res_rejected = errors.residual.chunk(2)
+            err_chosen, err_rejected, factor = safeguard_errors(
+                err_chosen, err_rejected, res_chosen, res_rejected, errors.negative,
+                swap=obj.swaps, mu=self.safeguard[0], scope=self.safeguard[1])
+        loss, metrics = preference_loss(
+            err_chosen, err_rejected, errors.ref_err_chosen, errors.ref_err_rejected,
             errors.negative, objective=obj.objective, beta=obj.beta,
             mix_lambda=obj.mix_lambda, mix_scale=obj.mix_scale,
         )
+        if factor is not None:
+            metrics["safeguard/factor"] = factor.mean()
+            metrics["safeguard/active"] = (factor < 1).float().mean()
+        return loss, metrics
 
 
 def objective_config(config: Any, objective: str | None = None) -> ObjectiveConfig:
     """The objective settings of a TrainConfig (``objective`` defaults to its method)."""
     return ObjectiveConfig(objective or config.method, config.beta, config.mix_lambda, config.mix_scale)
+
+
+def safeguard_of(config: Any) -> tuple[float, str] | None:
+    """``(safeguard_mu, safeguard_scope)`` when the config turns Diffusion-SDPO's safeguard on."""
+    if not getattr(config, "safeguard", False):
+        return None
+    validate_safeguard_args(config.safeguard_mu, config.safeguard_scope)
+    return (config.safeguard_mu, config.safeguard_scope)
 
 
 def single_network_method(objective: str, title: str | None = None) -> MethodSpec:
@@ -130,13 +161,17 @@ def single_network_method(objective: str, title: str | None = None) -> MethodSpe
 
     def build(config: Any, backbone: Backbone) -> BuiltMethod:
         return BuiltMethod(SingleNetworkMethod(backbone, objective_config(config, objective),
-                                               config.cfg_dropout))
+                                               config.cfg_dropout, safeguard=safeguard_of(config)))
 
     def validate(config: Any) -> None:
         validate_objective_args(objective, config.beta, config.mix_lambda, config.mix_scale)
+        if getattr(config, "safeguard", False) and not OBJECTIVES[objective].has_logit:
+            raise ConfigError(f"safeguard: Diffusion-SDPO's safeguard scales a loser's gradient; method "
+                              f"{objective} has no loser (use dpo, bdpo, snpo-naive or snpo)")
 
     return MethodSpec(
         name=objective, title=title or OBJECTIVES[objective].summary or objective, build=build,
         validate=validate, reuses_reference_errors=True, objective=objective,
+        trains_null_branch=OBJECTIVES[objective].swaps,
         summary=f"one network, objective {objective}",
     )

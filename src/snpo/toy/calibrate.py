@@ -45,9 +45,14 @@ def calibration_run(config: Any, lr: float, beta: float) -> dict[str, Any]:
     """DPO at (lr, beta) in the calibration world, scored on training prompts."""
     import torch
 
-    from snpo.backbones.toy import ToyBackbone
     from snpo.toy.data import stack_batch
-    from snpo.toy.world import POOLS, load_or_make_pairs, load_or_pretrain_reference, split_prompts
+    from snpo.toy.world import (
+        POOLS,
+        load_or_make_pairs,
+        load_or_pretrain_reference,
+        load_toy,
+        split_prompts,
+    )
     from snpo.training.data import TrainingData
     from snpo.training.job import build_job
 
@@ -66,7 +71,7 @@ def calibration_run(config: Any, lr: float, beta: float) -> dict[str, Any]:
 
     spec = RunSpec(f"dpo lr={lr:g} beta={beta:g}", "dpo", config.primary_pool)
     out = Path(config.output_dir) / "calibration" / spec.slug
-    policy = ToyBackbone.from_pretrained(reference_dir)
+    policy = load_toy(reference_dir)
     train_config = alignment_config(replace(config, learning_rate=lr, beta=beta), reference_dir, out, spec)
     job = build_job(train_config, backbone=policy, data=TrainingData(pairs.dataset(), stack_batch),
                     show_progress=False, save_model=False, write_logs=False)

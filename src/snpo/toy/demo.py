@@ -48,6 +48,7 @@ class DemoConfig:
     seed: int = 0  # the first world's seed (worlds: seed, seed+1, ...); also training and evaluation seeds
     worlds: int = 1  # world seeds to run and pool (each: its own reference, generators and pairs)
     workers: int = 0  # worker processes for independent runs; 0 = one per CPU core (at most 4)
+    threads: int = 1  # torch threads per process; the toy model gains little from more, and spinning threads on a busy machine cost much (0 = torch's default)
     # the toy world (see ToyWorldConfig)
     pretrain_steps: int = 2500  # denoising steps of the reference's pretraining
     pretrain_images: int = 24_000  # web-like pretraining images
@@ -55,7 +56,7 @@ class DemoConfig:
     pairs_per_prompt: int = 16  # preference pairs per training prompt
     heldout_prompts: int = 24  # prompts never trained on (evaluation)
     heldout_pairs_per_prompt: int = 4  # held-out pairs per held-out prompt (implicit accuracy)
-    pair_sampling_steps: int = 20  # DDIM steps when sampling the pairs' images
+    pair_sampling_steps: int = 20  # sampler steps (DDIM; Euler with flow) for the pairs' images
     label_temperature: float = 0.03  # Bradley-Terry noise of the label judge (0 = noiseless labels)
     pools: tuple[str, ...] = ("pickapic-like", "on-policy")  # regimes (where the pairs' images come from); the first is primary
     # alignment (the same for every method)
@@ -70,6 +71,7 @@ class DemoConfig:
     npo_merge_a: float = 1.0  # merged NPO = ref + a (pos - ref) + b (npo - ref); public code: a = b = 1
     npo_merge_b: float = 1.0  # see npo_merge_a
     chats_guidance_scale: float | None = None  # None: guidance_scale - 1 (same extrapolation as CFG)
+    beyond_paper: bool = False  # also snpo and dpo with Diffusion-SDPO's safeguard, Diffusion-KTO and MaPO (primary regime, same budget)
     # ablations (primary regime): p, mix_scale readings, mix_lambda, the long collapse run
     ablations: bool = False  # run the ablations below
     cfg_dropout_ablation: tuple[float, ...] = (0.1, 0.5)  # snpo and dpo again at each of these p
@@ -83,11 +85,12 @@ class DemoConfig:
     # evaluation
     eval_seeds: int = 4  # sampling seeds per held-out prompt
     eval_prompts: int | None = None  # None = every held-out prompt
-    sampling_steps: int = 50  # DDIM steps of the evaluation samples (the paper: 50)
+    sampling_steps: int = 50  # sampler steps (DDIM; Euler with flow) of the evaluation samples (the paper: 50 DDIM)
     guidance_scale: float = 7.5  # CFG scale of the evaluation samples (the paper: 7.5)
     implicit_draws: int = 8  # (t, noise) draws per held-out pair for implicit accuracy
     grid_prompts: int = 8  # prompts in the sample grids
     quick: bool = False  # toy sizes: checks the pipeline in about a minute; no evidence, no verdicts
+    flow: bool = False  # the flow-matching toy (rectified flow, Euler sampling; how SD3/FLUX train) instead of the DDPM toy
     show_progress: bool = True  # progress bars
 
     def validate(self) -> None:
@@ -144,6 +147,11 @@ class DemoConfig:
             runs.append(RunSpec("npo-negative", "npo-negative", primary, "component", (("cfg_dropout", 0.0),),
                                 keep_model=True))  # scored as the two diff-npo rows
             runs.append(RunSpec("chats", "chats", primary, "dual", (("cfg_dropout", 0.0),)))
+        if self.beyond_paper:  # docs/method.md "Beyond the paper"; KTO: the pairs as 2 x batch labelled images
+            runs += [RunSpec("snpo+safeguard", "snpo", primary, "beyond", (("safeguard", True),)),
+                     RunSpec("dpo+safeguard", "dpo", primary, "beyond", (("safeguard", True),)),
+                     RunSpec("kto", "kto", primary, "beyond", (("per_device_train_batch_size", 2 * self.batch_size),)),
+                     RunSpec("mapo", "mapo", primary, "beyond")]
         if not self.ablations:
             return runs
         for p in self.cfg_dropout_ablation:
@@ -188,6 +196,8 @@ def run_demo(config: DemoConfig) -> Path:
     from snpo.toy.demo_report import write_report
 
     config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
     if config.calibrate:
         from snpo.toy.calibrate import run_calibration
 

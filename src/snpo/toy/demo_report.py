@@ -285,12 +285,16 @@ def write_report(out: Path, config: Any, results: list[RunResult], setup: dict, 
         md += ["**This is a quick run (`--quick`): toy sizes, a few steps. Its numbers carry NO evidence "
                "for or against any claim, and it gives no verdicts.** Run `snpo demo` (one world) or "
                "`snpo demo --worlds 3 --ablations true` (the study) for evidence.\n"]
+    if getattr(config, "flow", False):
+        md += ["The toy model is the flow-matching toy (`--flow true`: rectified flow, target eps - x0, "
+               "logit-normal sigma, Euler sampling), as SD3 and FLUX train; the study is otherwise the same.\n"]
     md += [f"Worlds (seeds): {', '.join(map(str, config.world_seeds))}. Every method starts from the world's "
            f"reference and trains on the same pairs for {config.train_steps} steps of {config.batch_size} pairs "
            f"(learning rate {config.learning_rate:g}, beta {config.beta:g}, p = {config.cfg_dropout:g}, full "
            "fine-tune), a budget chosen on DPO alone by the rule in docs/toy.md. Evaluation: "
            f"{config.eval_prompts or config.heldout_prompts} held-out prompts x {config.eval_seeds} seeds per world, "
-           f"DDIM {config.sampling_steps} steps, CFG {config.guidance_scale:g}; the same initial noise for every "
+           f"{'flow-matching Euler' if getattr(config, 'flow', False) else 'DDIM'} {config.sampling_steps} steps, "
+           f"CFG {config.guidance_scale:g}; the same initial noise for every "
            "method. Scores: mean over worlds of (mean over seeds and prompts). Differences are PAIRED (same "
            "world, prompt and seed), with a 95% percentile-bootstrap interval over prompts within worlds "
            "(snpo.toy.stats).\n",
@@ -342,7 +346,9 @@ def write_report(out: Path, config: Any, results: list[RunResult], setup: dict, 
         report["between_regimes"] = contrast
 
     md += _ablations(table, config, report)
+    md += _beyond_paper(table, config, report)
     md += _negative_alignment(table, config.primary_pool)
+    md += _efficiency(table, config, report)
     md += _figures(out, table, config)
     md += ["## Settings\n", "```json", json.dumps(config_dict(config), indent=1), "```"]
     report["claims"] = all_claims
@@ -388,6 +394,85 @@ def _ablations(table: Table, config: Any, report: dict) -> list[str]:
                                for a, b in zip(naive[0].info["trajectory"], bounded[0].info["trajectory"])]), ""]
         report["collapse_trajectory"] = {"naive": naive[0].info["trajectory"], "bounded": bounded[0].info["trajectory"]}
     return md
+
+
+def _beyond_paper(table: Table, config: Any, report: dict) -> list[str]:
+    """The "beyond the paper" section (``beyond_paper: true``): Diffusion-SDPO's safeguard on
+    DPO and SNPO, Diffusion-KTO and MaPO, under the same budget, intervals and verdict rules."""
+    pool = config.primary_pool
+    names = table.names(pool, ("beyond",))
+    if not names:
+        return []
+    header, rows = main_table(table, pool, [n for n in ("dpo", "bdpo", "snpo") if table.get(pool, n)] + names)
+    md = ["## Beyond the paper: other answers to the collapse, on the same footing\n",
+          "Diffusion-SDPO's safeguard (the loser's gradient scaled so that, to first order, the winner's error "
+          "does not rise) on DPO and on SNPO; Diffusion-KTO on the same pairs split into per-image labels "
+          f"({2 * config.batch_size} images a step: the same images as a pair step); MaPO (reference-free). "
+          "Same worlds, pairs, steps, learning rate and evaluation as the rows above (docs/method.md). "
+          "The question: does the safeguard make SNPO's bound unnecessary, or do they add up?\n",
+          markdown_table(header, rows), ""]
+    check = (report["regimes"].get(pool) or {}).get("instrument")
+    if config.quick or not check or not check["passed"]:
+        md += ["No verdicts (" + ("quick run" if config.quick else "instrument check not passed") + ").\n"]
+        return md
+    m = config.noninferiority_margin
+    found = []
+    for claim, result in (
+        ("They add up: SNPO with the safeguard beats SNPO.",
+         judge_claim(table, pool, "snpo+safeguard", "snpo", kind="superiority")),
+        (f"The safeguard makes the bound unnecessary: DPO with the safeguard is not worse than SNPO (margin {m:g}).",
+         judge_claim(table, pool, "dpo+safeguard", "snpo", kind="noninferiority", margin=m)),
+        ("SNPO's two ideas add something over the safeguard: SNPO beats DPO with the safeguard.",
+         judge_claim(table, pool, "snpo", "dpo+safeguard", kind="superiority")),
+        ("The safeguard helps DPO: DPO with the safeguard beats DPO.",
+         judge_claim(table, pool, "dpo+safeguard", "dpo", kind="superiority")),
+        (f"Per-image labels lose little: Diffusion-KTO is not worse than Diffusion-DPO (margin {m:g}).",
+         judge_claim(table, pool, "kto", "dpo", kind="noninferiority", margin=m)),
+        (f"No reference needed: MaPO is not worse than Diffusion-DPO (margin {m:g}).",
+         judge_claim(table, pool, "mapo", "dpo", kind="noninferiority", margin=m)),
+    ):
+        if result is not None:
+            found.append({"claim": claim, **result, "regime": pool})
+            md.append(f"- **{result['verdict'].upper()}**: {claim} {result['evidence']}. Rule: {result['rule']}.")
+    report["beyond_paper"] = {"rows": rows, "claims": found}
+    return md + [""]
+
+
+EFFICIENCY_HEADER = ["method", "trainable params", "resident params (training)", "resident params (sampling)",
+                     "training runs", "networks per sampling step", "training ms / pair", "sampling ms / image"]
+
+
+def _efficiency(table: Table, config: Any, report: dict) -> list[str]:
+    """The paper's Table 4 in spirit: what each method trains and holds (counted on the toy
+    denoiser, full fine-tune) and what it cost in this study (measured wall time)."""
+    import copy
+
+    from snpo.backbones.toy import ToyBackbone, ToyModelConfig
+    from snpo.efficiency import method_footprint, npo_footprint
+
+    pool = config.primary_pool
+    net = ToyBackbone.build_denoiser(ToyModelConfig())
+    ref = copy.deepcopy(net).requires_grad_(False)
+    single = method_footprint("dpo", [net], ref)
+    footprints = {"chats": method_footprint("chats", [net, copy.deepcopy(net)], ref),
+                  "diff-npo (merged)": npo_footprint(single, single, net, copy.deepcopy(net))}
+    pairs = config.train_steps * config.batch_size
+    rows = []
+    for name in table.names(pool, ("main", "dual")):
+        if name == "diff-npo (before merging)":
+            continue
+        fp = footprints.get(name, single)
+        rs = table.get(pool, name)
+        rows.append([name, f"{fp.trainable:,}", f"{fp.training_resident:,}", f"{fp.sampling_resident:,}",
+                     str(fp.training_runs), str(fp.sampling_networks),
+                     f"{1000 * np.mean([r.info.get('train_seconds', 0) for r in rs]) / pairs:.2f}",
+                     f"{1000 * np.mean([r.info.get('sampling_seconds_per_image', 0) for r in rs]):.1f}"])
+    report["efficiency"] = [dict(zip(EFFICIENCY_HEADER, r)) for r in rows]
+    return ["## Efficiency (paper Table 4 in spirit)\n",
+            "Parameters counted on the toy denoiser (full fine-tune; text encoder excluded). Times measured "
+            "in this study (wall time, shared by the worker processes); Diff-NPO's training time is its DPO "
+            "run plus its NPO run. GPU memory and throughput: `snpo bench` (BENCHMARKS.md).\n",
+            markdown_table(EFFICIENCY_HEADER, rows), ""]
 
 
 def _negative_alignment(table: Table, pool: str) -> list[str]:

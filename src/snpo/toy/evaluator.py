@@ -62,7 +62,8 @@ class Evaluator:
         self.all_seeds = [s * 10_007 + i for s in seeds for i in range(len(prompts))]
         renders = S.render([S.Scene.from_caption(p) for p in prompts], backbone.config.resolution)
         self.render_hf = float(high_frequency_energy(renders).mean())
-        self.sampling = SamplerSettings(steps, guidance_scale, "ddim", batch_size=128)
+        self.sampling = SamplerSettings(steps, guidance_scale, backbone.sampling_scheduler_name,  # DDIM or Euler
+                                        batch_size=128)
 
     def images(self, guide: Guide) -> tuple[torch.Tensor, float]:
         c = self.backbone.config

@@ -38,6 +38,7 @@ from snpo.toy.world import (
     ToyWorldConfig,
     load_or_make_pairs,
     load_or_pretrain_reference,
+    load_toy,
     split_prompts,
 )
 from snpo.training.config import TrainConfig
@@ -83,7 +84,7 @@ def world_config(config: Any, seed: int) -> ToyWorldConfig:
         pairs_per_prompt=config.pairs_per_prompt, heldout_prompts=config.heldout_prompts,
         heldout_pairs_per_prompt=config.heldout_pairs_per_prompt,
         pair_sampling_steps=config.pair_sampling_steps, label_temperature=config.label_temperature,
-        strong_steps=config.strong_steps,
+        strong_steps=config.strong_steps, flow=getattr(config, "flow", False),
     )
 
 
@@ -182,7 +183,7 @@ def train_and_evaluate(config: Any, world_seed: int, spec: RunSpec) -> str:
         _write(folder, {**info, "train_seconds": 0.0}, ev, config.grid_prompts, len(evaluator.prompts))
         return str(folder)
     train_config = alignment_config(config, reference_dir, folder / "logs", spec)
-    policy_backbone = ToyBackbone.from_pretrained(reference_dir)
+    policy_backbone = load_toy(reference_dir)
     job = build_job(train_config, backbone=policy_backbone, data=TrainingData(train_pairs.dataset(), stack_batch),
                     show_progress=config.show_progress and config.workers <= 1, save_model=False,
                     write_logs=False)

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from snpo.backbones.toy import ToyBackbone, ToyModelConfig
+from snpo.backbones.toy_flow import ToyFlowBackbone
 from snpo.files import atomic_save_safetensors
 from snpo.methods.denoising import DenoisingMethod
 from snpo.sampling import SamplerSettings, sample_images, single_network_guide
@@ -70,6 +71,13 @@ POOLS = {
 }
 
 
+def load_toy(path: str | Path) -> ToyBackbone:
+    """A saved toy model: the DDPM toy or the flow-matching toy (its ``model_index.json`` says which)."""
+    from snpo.backbones import load_backbone
+
+    return load_backbone(path)
+
+
 def default_cache_dir() -> Path:
     root = os.environ.get("SNPO_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "snpo"
@@ -83,6 +91,7 @@ class ToyWorldConfig:
 
     seed: int = 0
     model: ToyModelConfig = field(default_factory=ToyModelConfig)
+    flow: bool = False  # the flow-matching toy (ToyFlowBackbone: rectified flow, Euler sampling) instead of the DDPM one
     # web-like pretraining
     pretrain_images: int = 24_000
     pretrain_steps: int = 2500
@@ -109,7 +118,7 @@ class ToyWorldConfig:
 
     def pretrain_key(self) -> str:
         fields = {k: v for k, v in asdict(self).items()
-                  if k.startswith(("pretrain", "wrong", "degraded", "jitter", "model", "seed", "weak"))}
+                  if k.startswith(("pretrain", "wrong", "degraded", "jitter", "model", "seed", "weak", "flow"))}
         blob = json.dumps([WORLD_VERSION, fields], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -230,7 +239,7 @@ def pretrain_reference(config: ToyWorldConfig, folder: Path, *, show_progress: b
     """Pretrain the toy reference on web-like data (UNet and text encoder jointly); the model at
     ``weak_fraction`` of the way is kept as the weak generator (``folder/weak``)."""
     tokenizer = build_toy_tokenizer(S.WORDS, folder / "tokenizer_build", max_length=config.model.max_prompt_tokens)
-    backbone = ToyBackbone.create(tokenizer, config.model, seed=config.seed)
+    backbone = (ToyFlowBackbone if config.flow else ToyBackbone).create(tokenizer, config.model, seed=config.seed)
     pixels, captions, stats = web_like_data(config, config.pretrain_images)
     weak_step = max(1, int(round(config.weak_fraction * config.pretrain_steps)))
     losses = _denoise(backbone, pixels, captions, config, folder, steps=config.pretrain_steps,
@@ -251,7 +260,7 @@ def load_or_pretrain_reference(
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     folder = cache_dir / f"reference-{config.pretrain_key()}"
     if (folder / "model_index.json").is_file() and (folder / "pretraining.json").is_file():
-        return ToyBackbone.from_pretrained(folder), folder
+        return load_toy(folder), folder
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         import shutil
@@ -259,7 +268,7 @@ def load_or_pretrain_reference(
         shutil.rmtree(tmp)
     pretrain_reference(config, tmp, show_progress=show_progress)
     os.replace(tmp, folder)  # a cache entry is never half-written
-    return ToyBackbone.from_pretrained(folder), folder
+    return load_toy(folder), folder
 
 
 @torch.no_grad()
@@ -273,7 +282,8 @@ def sample_with_scales(
     shape = (backbone.config.latent_channels, backbone.config.latent_size, backbone.config.latent_size)
     for scale in np.unique(scales):
         idx = np.flatnonzero(scales == scale)
-        cfg = SamplerSettings(num_inference_steps=steps, guidance_scale=float(scale), batch_size=256)
+        cfg = SamplerSettings(num_inference_steps=steps, guidance_scale=float(scale), batch_size=256,
+                              scheduler=backbone.sampling_scheduler_name)  # DDIM, or the flow toy's Euler
         out[idx] = sample_images(
             backbone, single_network_guide(backbone, model, float(scale)),
             [prompts[i] for i in idx], [seeds[i] for i in idx], shape, cfg,
@@ -302,7 +312,7 @@ def load_or_make_strong(config: ToyWorldConfig, reference_dir: Path, *, show_pro
         import shutil
 
         shutil.rmtree(tmp)
-    backbone = ToyBackbone.from_pretrained(reference_dir)
+    backbone = load_toy(reference_dir)
     pixels, captions = clean_data(config, config.strong_steps * config.pretrain_batch_size // 4)
     losses = _denoise(backbone, pixels, captions, config, tmp, steps=config.strong_steps,
                       learning_rate=config.strong_learning_rate, show_progress=show_progress,
@@ -319,11 +329,11 @@ def load_generators(config: ToyWorldConfig, reference_dir: Path, pool: PairPool,
     out = {}
     for name in pool.probabilities():
         if name == "reference":
-            out[name] = ToyBackbone.from_pretrained(reference_dir)
+            out[name] = load_toy(reference_dir)
         elif name == "weak":
-            out[name] = ToyBackbone.from_pretrained(reference_dir / "weak")
+            out[name] = load_toy(reference_dir / "weak")
         elif name == "strong":
-            out[name] = ToyBackbone.from_pretrained(load_or_make_strong(config, reference_dir,
+            out[name] = load_toy(load_or_make_strong(config, reference_dir,
                                                                         show_progress=show_progress))
         else:
             raise ValueError(f"pool: unknown generator {name!r}; known: {', '.join(GENERATORS)}")

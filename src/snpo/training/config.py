@@ -9,10 +9,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from snpo.backbones.flow import FLOW_WEIGHTING_SCHEMES
 from snpo.errors import ConfigError
 from snpo.methods import METHODS, get_method
 from snpo.methods.single import objective_config
-from snpo.objectives import ObjectiveConfig
+from snpo.objectives import OBJECTIVES, ObjectiveConfig
 
 LR_SCHEDULERS = (
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
@@ -49,7 +50,7 @@ class TrainConfig:
     dataloader_num_workers: int = 0  # DataLoader worker processes
 
     # method and objective
-    method: str = "snpo"  # sft | dpo | bdpo | snpo-naive | snpo | npo-negative | chats (snpo.methods)
+    method: str = "snpo"  # sft | dpo | bdpo | snpo-naive | snpo | npo-negative | chats | kto | mapo (snpo.methods)
     # older configs: `objective: X` (with `method: single`) means `method: X`
     objective: str | None = field(default=None, metadata={"alias_of": "method"})
     beta: float = 2000.0  # KL strength, Diffusion-DPO convention (logit = beta/2 * error gap; SDXL 5000)
@@ -57,6 +58,15 @@ class TrainConfig:
     mix_scale: float | None = None  # bdpo/snpo: likelihood scale k of the bound; null = beta/2
     cfg_dropout: float = 0.2  # p: share of pairs on the null branch (prompt dropped; snpo: roles swap)
     chats_lose_prompt_dropout: float = 0.5  # CHATS: share of pairs whose lose prompt is blanked
+
+    # beyond the paper: SDPO safeguard, KTO, MaPO
+    safeguard: bool = False  # Diffusion-SDPO: scale the loser's gradient so the winner's error does not rise (dpo, bdpo, snpo-naive, snpo)
+    safeguard_mu: float = 0.9  # Diffusion-SDPO's mu in [0, 1]: share of the winner's own descent kept (larger = more conservative; its SD1.5 DPO script: 0.9, SDXL: 0.6)
+    safeguard_scope: str = "pair"  # pair: one factor per pair | batch: one per micro-batch (the public code)
+    kto_desirable_weight: float = 1.0  # kto: lambda_D, weight of the desirable (label 1) images' loss
+    kto_undesirable_weight: float = 1.0  # kto: lambda_U, weight of the undesirable (label 0) images' loss
+    mapo_beta: float = 0.1  # mapo: weight of the margin (log-odds) term next to the chosen image's error
+    mapo_snr: float = 0.5  # mapo: s of its likelihood proxy s e / (exp(s e) - 1) (the code's snr_value)
 
     # optimisation
     max_steps: int = 2000  # optimizer steps
@@ -81,11 +91,37 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     allow_tf32: bool = False  # TF32 matmuls on Ampere+ GPUs
 
+    # flow-matching models (SD3 / FLUX)
+    weighting_scheme: str = "logit_normal"  # sigma sampling: logit_normal | mode | uniform (none = uniform), as diffusers' flow scripts
+    logit_mean: float = 0.0  # logit_normal: mean of the normal whose sigmoid is the (unshifted) sigma
+    logit_std: float = 1.0  # logit_normal: its standard deviation
+    mode_scale: float = 1.29  # mode: the scale of the mode density
+    max_sequence_length: int | None = None  # T5 tokens of the prompt; null = the pipeline's default (SD3 256, FLUX 512); sample with the same
+    use_t5: bool = True  # SD3: encode prompts with T5 (false: zeros in its place, as the pipeline without text_encoder_3)
+    embedded_guidance_scale: float = 3.5  # FLUX.1-dev: the guidance value its transformer takes as an input (pipeline default 3.5)
+    true_cfg: bool = False  # FLUX: train for true CFG (a null branch on the empty prompt at sampling); needed by snpo, snpo-naive, chats, npo-negative
+
     # speed options, all opt-in (measured side by side in BENCHMARKS.md)
     channels_last: bool = False  # NHWC denoiser weights and inputs
     torch_compile: bool = False  # torch.compile the denoiser (and a full fine-tune's reference)
     precompute_reference: bool = False  # reuse reference errors across runs of a sweep
     reference_errors_dir: str | None = None  # where they live; null = <cache_dir>/reference-errors
+
+    # watching a run: validation images, collapse signal, sharing
+    validation_prompt: str | None = None  # one validation prompt (diffusers' --validation_prompt; commas are part of it)
+    validation_prompts: list[str] = field(default_factory=list)  # validation prompts, a YAML list (command line: '["a, b", "c"]'; bare a,b splits at commas); none = no images
+    validation_prompts_file: str | None = None  # more validation prompts, a prompt set as `snpo sample --prompts` reads it (.txt: one a line)
+    validation_steps: int = 200  # draw the validation grid every N optimizer steps (also at step 0 and the last step)
+    validation_seeds: list[int] = field(default_factory=lambda: [0])  # one validation image per prompt per seed (as `snpo sample --seeds`)
+    validation_num_inference_steps: int | None = None  # denoising steps of the validation images; null = snpo sample's default for the family
+    validation_guidance_scale: float | None = None  # guidance scale of the validation images; null = snpo sample's default for the family
+    validation_scheduler: str | None = None  # sampler of the validation images (ddim, euler, ...); null = snpo sample's default for the family
+    validation_null_branch: bool = False  # also draw the null branch alone (guidance 0: what the negative branch generates), one image per seed
+    collapse_patience: int = 3  # note in the log when logratio/chosen has fallen for N checkpoints in a row; 0 = never
+    push_to_hub: bool = False  # at the end, upload the final weights, model card, validation grids and curves to the hub
+    hub_model_id: str | None = None  # hub repository (owner/name); null = the output folder's name under your account
+    hub_token: str | None = field(default=None, repr=False, metadata={"secret": True})  # hub token; null = HF_TOKEN or `hf auth login` (better); never logged or written
+    hub_private_repo: bool = False  # create the hub repository as private
 
     # checkpoints, logging, reproducibility
     checkpointing_steps: int = 500  # checkpoint every N steps (and at the end); 0 = never
@@ -148,6 +184,10 @@ class TrainConfig:
             ("dataloader_num_workers", self.dataloader_num_workers >= 0, "an integer >= 0"),
             ("cache_shard_size", self.cache_shard_size >= 1, "an integer >= 1"),
             ("cache_batch_size", self.cache_batch_size >= 1, "an integer >= 1"),
+            ("logit_std", self.logit_std > 0, "a number > 0"),
+            ("max_sequence_length", self.max_sequence_length is None or self.max_sequence_length >= 1,
+             "an integer >= 1 or null"),
+            ("embedded_guidance_scale", self.embedded_guidance_scale >= 0, "a number >= 0"),
             ("adam_beta1", 0 <= self.adam_beta1 < 1, "a number in [0, 1)"),
             ("adam_beta2", 0 <= self.adam_beta2 < 1, "a number in [0, 1)"),
             ("adam_weight_decay", self.adam_weight_decay >= 0, "a number >= 0"),
@@ -160,6 +200,7 @@ class TrainConfig:
         for name, ok, allowed in checks:
             if not ok:
                 raise ConfigError(f"{name}: expected {allowed}, got {getattr(self, name)!r}")
+        check_beyond_paper_config(self, spec)
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ConfigError(
                 f"checkpoints_total_limit: expected an integer >= 1 or null, got {self.checkpoints_total_limit!r}"
@@ -178,9 +219,17 @@ class TrainConfig:
             ("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS),
             ("mixed_precision", self.mixed_precision, MIXED_PRECISION),
             ("report_to", self.report_to, REPORT_TO),
+            ("weighting_scheme", self.weighting_scheme, FLOW_WEIGHTING_SCHEMES),
         ]:
             if value not in allowed:
                 raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+        from snpo.training.hub import check_hub_config
+        from snpo.training.validation import check_validation_config
+
+        check_validation_config(self)
+        if self.collapse_patience < 0:
+            raise ConfigError(f"collapse_patience: expected an integer >= 0 (0 = never), got {self.collapse_patience!r}")
+        check_hub_config(self)
         if self.precompute_reference and not spec.reuses_reference_errors:
             raise ConfigError(
                 f"precompute_reference: stored reference errors assume one network on the "
@@ -192,6 +241,20 @@ class TrainConfig:
         """The objective settings of a single-network method (npo-negative: its dpo)."""
         spec = get_method(self.method)
         return objective_config(self, spec.objective or "dpo")
+
+
+def check_beyond_paper_config(config: TrainConfig, spec) -> None:
+    """The keys of the "beyond the paper" block (Diffusion-SDPO, Diffusion-KTO, MaPO)."""
+    from snpo.objectives.sdpo import validate_safeguard_args
+
+    validate_safeguard_args(config.safeguard_mu, config.safeguard_scope)
+    if config.safeguard and not (spec.objective and OBJECTIVES[spec.objective].has_logit):
+        raise ConfigError(f"safeguard: Diffusion-SDPO's safeguard applies to one network trained on a pair "
+                          f"logit (dpo, bdpo, snpo-naive, snpo), got method {config.method!r}")
+    for name in ("kto_desirable_weight", "kto_undesirable_weight", "mapo_beta", "mapo_snr"):
+        value = getattr(config, name)
+        if not value > 0:
+            raise ConfigError(f"{name}: expected a number > 0, got {value!r}")
 
 
 def _type_problem(value: object, annotation: object) -> str | None:

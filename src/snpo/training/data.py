@@ -53,6 +53,7 @@ class TrainingData:
     stateful: list[Any] = field(default_factory=list)
     report: Callable[[], dict[str, Any]] | None = None
     null_text: Any = None
+    unpaired: bool = False  # batches of labelled images (method kto: snpo.data.unpaired), not pairs
 
     @property
     def cached(self) -> bool:
@@ -160,7 +161,14 @@ def dataset_data(config: Any) -> TrainingData:
 
 
 def training_data(config: Any, family: str) -> TrainingData:
-    """From ``cache_dir`` when set (no encoder work while training), else from the dataset."""
+    """From ``cache_dir`` when set (no encoder work while training), else from the dataset;
+    labelled images instead of pairs for a method that trains on them (``kto``)."""
+    from snpo.methods.kto import reads_unpaired_rows
+
+    if reads_unpaired_rows(config.method):
+        from snpo.training.unpaired import unpaired_data
+
+        return unpaired_data(config, family)
     return cached_data(config, family) if config.cache_dir else dataset_data(config)
 
 

@@ -38,6 +38,14 @@ REUSABLE_ACROSS = frozenset({
     "logging_steps", "report_to", "tracker_project_name",
     "dataloader_num_workers", "cache_shard_size", "cache_batch_size",
     "precompute_reference", "reference_errors_dir",
+    # beyond the paper: the safeguard scales a gradient; kto and mapo never store reference errors
+    "safeguard", "safeguard_mu", "safeguard_scope", "kto_desirable_weight", "kto_undesirable_weight",
+    "mapo_beta", "mapo_snr",
+    # watching a run: drawn or uploaded after the steps, never part of one
+    "validation_prompt", "validation_prompts", "validation_prompts_file", "validation_steps",
+    "validation_seeds", "validation_num_inference_steps", "validation_guidance_scale",
+    "validation_scheduler", "validation_null_branch", "collapse_patience", "push_to_hub",
+    "hub_model_id", "hub_private_repo",
 })
 REFERENCE_STORE_VERSION = 1
 
@@ -72,14 +80,22 @@ def _vae_path(config: Any) -> Path | None:
 
 
 def cache_fingerprint_for(config: Any, family: str, model_path: Path) -> dict[str, Any]:
-    """Everything the cache of this config's data and model holds depends on."""
+    """Everything the cache of this config's data and model holds depends on: with a flow
+    model also the encoding options of the config (T5 length, SD3's ``use_t5``), the same
+    ``Backbone.encoding_options()`` the loaded model reports (absent for other families, so
+    their caches keep their fingerprints)."""
+    from snpo.backbones import encoding_options, family_options
     from snpo.data.cache import cache_fingerprint
 
-    return cache_fingerprint(
+    fingerprint = cache_fingerprint(
         family=family, model_path=model_path, vae_path=_vae_path(config),
         resolution=config.resolution, center_crop=config.center_crop,
         random_flip=config.random_flip, resample=RESAMPLE, dataset=data_fingerprint(config),
     )
+    encoding = encoding_options(family, model_path, family_options(config))
+    if encoding:
+        fingerprint["encoding"] = encoding
+    return fingerprint
 
 
 def reference_fingerprint(config: Any) -> dict[str, Any]:

@@ -17,12 +17,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from snpo.backbones import Backbone, detect_family, load_backbone, resolve_model_path
-from snpo.methods import BuiltMethod, get_method
+from snpo.backbones import (
+    Backbone,
+    detect_family,
+    family_options,
+    has_null_branch,
+    load_backbone,
+    resolve_model_path,
+)
+from snpo.methods import BuiltMethod, check_sampler_fits, get_method
 from snpo.training.config import TrainConfig
 from snpo.training.data import TrainingData, training_data
 from snpo.training.model_card import write_model_card
 from snpo.training.trainer import Callback, Trainer
+from snpo.training.watch import RunWatch
 
 
 @dataclass
@@ -39,12 +47,14 @@ class TrainingJob:
 
 
 def load_job_backbone(config: TrainConfig, family: str, *, with_encoders: bool = True) -> Backbone:
-    """The config's model (its VAE override, revision and variant); encoders only when needed."""
+    """The config's model (its VAE override, revision and variant, the family's options and
+    settings: T5, sigma sampling, FLUX guidance); encoders only when needed."""
     vae = config.pretrained_vae_model_name_or_path
     return load_backbone(
         config.model_name_or_path, family=family, with_encoders=with_encoders,
         vae_path=resolve_model_path(vae, revision=config.revision) if vae else None,
         upcast_vae=config.upcast_vae, revision=config.revision, variant=config.variant,
+        options=family_options(config),
     )
 
 
@@ -64,10 +74,13 @@ def build_method(config: TrainConfig, backbone: Backbone) -> BuiltMethod:
     ``channels_last`` and ``torch_compile`` are flags on the backbone that
     ``prepare_for_training`` applies (before a method like CHATS copies the network, so both
     copies are alike); ``precompute_reference`` gives the method a reference-error store
-    (BENCHMARKS.md measures each)."""
+    (BENCHMARKS.md measures each). A method that trains what the model's sampler never runs
+    (the null branch of a FLUX model without true CFG) is refused (``check_sampler_fits``)."""
+    spec = get_method(config.method)
+    check_sampler_fits(spec, config, has_null_branch=backbone.has_null_branch, family=backbone.family)
     backbone.channels_last = config.channels_last
     backbone.torch_compile = config.torch_compile
-    built = get_method(config.method).build(config, backbone)
+    built = spec.build(config, backbone)
     if config.precompute_reference:
         from snpo.training.reference_errors import open_reference_store
 
@@ -88,10 +101,18 @@ def build_job(
 ) -> TrainingJob:
     """Data, backbone, method and trainer of ``config`` (each may be given instead)."""
     config.validate()
+    watch = RunWatch(config)  # validation images, curves, hub: a bad prompt file stops here
     if data is None:
         family = backbone.family if backbone is not None else detect_family(
             config.model_name_or_path, revision=config.revision)
+        # before the data scan and the model load: the family and the config tell it
+        check_sampler_fits(get_method(config.method), config, family=family,
+                           has_null_branch=has_null_branch(family, family_options(config)))
         data = training_data(config, family)
+    elif not data.unpaired and get_method(config.method).extra.get("data") == "unpaired":
+        from snpo.training.unpaired import split_pairs_data
+
+        data = split_pairs_data(data, seed=config.seed)  # given pairs (the toy's), as labelled rows
     if backbone is None:
         backbone = backbone_for(config, data)
     built = built or build_method(config, backbone)
@@ -100,13 +121,16 @@ def build_job(
         description = backbone.describe()
 
         def card(out, info):
-            return write_model_card(out, config, description, info)
+            info = {**info, **watch.card_info(out)}  # validation grids, curves, hub repository
+            write_model_card(out, config, description, info)
+            watch.after_save(out, info)  # push_to_hub: once the weights and the card are written
 
     trainer = Trainer(
         config, backbone, data.dataset, built.method, collate_fn=data.collate_fn,
         trainable_parameters=built.trainable_parameters, model=built.model,
         show_progress=show_progress, save_model=save_model, write_logs=write_logs,
         data_report=data.report, model_card=card, sampler=data.sampler,
-        callbacks=[*data.callbacks, *(callbacks or [])], stateful=data.stateful,
+        callbacks=[*data.callbacks, *watch.callbacks(backbone, write_logs=write_logs, save_model=save_model),
+                   *(callbacks or [])], stateful=data.stateful,
     )
     return TrainingJob(config, backbone, data, built, trainer)

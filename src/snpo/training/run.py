@@ -21,9 +21,11 @@ from typing import Any
 import torch
 
 from snpo.backbones import ModelNotFoundError, detect_family, resolve_model_path
+from snpo.data import DataSourceError
 from snpo.data.cache import STORAGE_DTYPES, CacheError, build_cache, read_manifest
 from snpo.errors import ConfigError
 from snpo.files import is_hub_id
+from snpo.methods import get_method
 from snpo.training import checkpoint as ckpt
 from snpo.training.config import TrainConfig
 from snpo.training.data import say, scan_source
@@ -87,7 +89,13 @@ def run_cache(config: TrainConfig, *, show_progress: bool = True) -> dict[str, A
     if not config.center_crop:
         raise CacheError("center_crop: a cache needs center_crop=true (a random crop cannot be cached)")
     family = detect_family(config.model_name_or_path, revision=config.revision)
-    source = scan_source(config)
+    try:
+        source = scan_source(config)
+    except DataSourceError as err:
+        if get_method(config.method).extra.get("data") != "unpaired":
+            raise
+        raise DataSourceError(f"{err}; a latent/text cache holds PAIRS (a kto run splits them into "
+                              "rows): unpaired feedback rows are not cached, train without cache_dir") from None
     model_path = resolve_model_path(config.model_name_or_path, revision=config.revision, variant=config.variant)
     fingerprint = cache_fingerprint_for(config, family, model_path)
     existing = read_manifest(Path(config.cache_dir))

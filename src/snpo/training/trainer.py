@@ -64,6 +64,8 @@ class Callback:
     zero_grad) -> ``after_optimizer``; then ``on_step_end`` with the logged metrics, and
     ``on_checkpoint`` after a checkpoint is committed. ``on_micro_batch`` and
     ``on_train_end`` run on every process; the others too, but only the main process writes.
+    From ``on_loop_begin`` on, ``trainer.accelerator`` is the run's accelerator and
+    ``trainer.start_step`` the step the loop starts from (0 for a fresh run).
     """
 
     def on_loop_begin(self, trainer: Trainer) -> None: ...
@@ -279,9 +281,13 @@ class Trainer:
             num_warmup_steps=c.lr_warmup_steps * world, num_training_steps=c.max_steps * world,
         )
         sampler = self.sampler if self.sampler is not None else EpochShuffleSampler(len(self.dataset), c.seed)
+        # its own generator: each new iterator draws a base seed, and from the global RNG that
+        # draw would shift the restored RNG states of a resumed run (which starts an extra
+        # iterator to skip into its epoch), so a model that uses the global RNG would not replay
         dataloader = DataLoader(
             self.dataset, batch_size=c.per_device_train_batch_size, sampler=sampler,
             collate_fn=self.collate_fn, drop_last=True, num_workers=c.dataloader_num_workers,
+            generator=torch.Generator().manual_seed(c.seed),
         )
         if accelerator.distributed_type == DistributedType.FSDP and c.lora_rank > 0:
             raise ConfigError("lora_rank: FSDP shards full fine-tunes (lora_rank 0); train LoRA with DDP "
@@ -301,6 +307,8 @@ class Trainer:
         if c.resume_from_checkpoint:
             self._resume(run)
         self._open_logs(run, output_dir)
+        # for callbacks: the run's accelerator and the step the loop starts from (0: fresh)
+        self.accelerator, self.start_step = accelerator, run.global_step
         return run
 
     def _resume(self, run: _Run) -> None:
@@ -324,7 +332,9 @@ class Trainer:
         if c.resume_from_checkpoint and metrics_file is not None and accelerator.is_main_process:
             truncate_metrics(metrics_file, run.global_step)  # steps after the checkpoint are replayed
         if self.write_logs and accelerator.is_main_process and c.report_to != "none":
-            tracker_config = {k: v for k, v in config_to_dict(c).items() if v is not None}
+            # trackers take scalars and strings (TensorBoard's hparams): lists as JSON
+            tracker_config = {k: v if isinstance(v, int | float | str) else json.dumps(v)
+                              for k, v in config_to_dict(c).items() if v is not None}
             # a resumed run replays the steps after its checkpoint: drop their old events
             init_kwargs = {"tensorboard": {"purge_step": run.global_step + 1}} if run.global_step else {}
             accelerator.init_trackers(c.tracker_project_name, config=tracker_config, init_kwargs=init_kwargs)
@@ -434,7 +444,8 @@ class Trainer:
         run.step_start = time.perf_counter()
         while run.global_step < c.max_steps:
             epoch, offset = divmod(run.global_step, steps_per_epoch)
-            for micro, data in enumerate(self._epoch_batches(run, epoch, offset, steps_per_epoch)):
+            batches = self._step_preview(run, self._epoch_batches(run, epoch, offset, steps_per_epoch))
+            for micro, data in enumerate(batches):
                 outcome = self._micro_step(run, data, micro % accum)
                 if outcome is None:
                     continue
@@ -457,6 +468,32 @@ class Trainer:
         skip = offset * accum
         loader = run.accelerator.skip_first_batches(run.dataloader, skip) if skip else run.dataloader
         return itertools.islice(loader, steps_per_epoch * accum - skip)
+
+    def _step_preview(self, run: _Run, batches: Iterator[Any]) -> Iterator[Any]:
+        """The micro-batches, unchanged; a method whose loss needs a statistic of the whole
+        optimizer step (Diffusion-KTO's reference point) has ``prepare_step(model, [(batch,
+        seeds), ...])`` called with every micro-batch of the step before the first one runs
+        (with gradient accumulation only: otherwise the step is one micro-batch)."""
+        accum = self.config.gradient_accumulation_steps
+        prepare = getattr(self.method, "prepare_step", None)
+        if prepare is None or accum == 1:
+            yield from batches
+            return
+        while step := list(itertools.islice(batches, accum)):
+            if len(step) == accum:  # the loop drops a partial accumulation at an epoch's end
+                full = [(data, self._pair_seeds(run, m)) for m, data in enumerate(step)
+                        if not (isinstance(data, dict) and data.get("size", 1) == 0)]
+                with run.accelerator.autocast():
+                    prepare(run.model, full)
+            # pulling the step ahead may have reached the loader's end, which accelerate reads
+            # as "sync the gradients now": keep that for the step's last micro-batch only
+            state = run.accelerator.gradient_state
+            loader = state.active_dataloader if state.in_dataloader else None
+            ended = loader is not None and bool(getattr(loader, "end_of_dataloader", False))
+            for i, data in enumerate(step):
+                if ended:
+                    loader.end_of_dataloader = i == len(step) - 1
+                yield data
 
     def _pair_seeds(self, run: _Run, micro: int) -> list[int]:
         """Seeds of this process's pairs: the global pair index counts across micro-batches
