@@ -68,6 +68,7 @@ class DemoConfig:
     cfg_dropout: float = 0.2  # p of every single-network method (null-branch share), as the Diffusion-DPO code
     methods: tuple[str, ...] = ("sft", "dpo", "bdpo", "snpo-naive", "snpo")  # single-network methods, in every regime
     dual_baselines: bool = True  # Diff-NPO (before and after merging) and CHATS, in the primary regime
+    npo_lora_rank: int = 8  # Diff-NPO's NPO model is a LoRA offset of this rank, as its public code (0 = full fine-tune)
     npo_merge_a: float = 1.0  # merged NPO = ref + a (pos - ref) + b (npo - ref); public code: a = b = 1
     npo_merge_b: float = 1.0  # see npo_merge_a
     chats_guidance_scale: float | None = None  # None: guidance_scale - 1 (same extrapolation as CFG)
@@ -144,7 +145,10 @@ class DemoConfig:
                 runs.append(RunSpec(m, m, pool, "main", keep_model=(m == "dpo" and self.dual_baselines)))
         primary = self.primary_pool
         if self.dual_baselines:
-            runs.append(RunSpec("npo-negative", "npo-negative", primary, "component", (("cfg_dropout", 0.0),),
+            # as the public Diff-NPO code: a rank-8 LoRA offset, prompt never dropped (docs/toy.md
+            # shows why a fully fine-tuned NPO model cannot serve another network's null branch)
+            runs.append(RunSpec("npo-negative", "npo-negative", primary, "component",
+                                (("cfg_dropout", 0.0), ("lora_rank", self.npo_lora_rank)),
                                 keep_model=True))  # scored as the two diff-npo rows
             runs.append(RunSpec("chats", "chats", primary, "dual", (("cfg_dropout", 0.0),)))
         if self.beyond_paper:  # docs/method.md "Beyond the paper"; KTO: the pairs as 2 x batch labelled images

@@ -225,12 +225,12 @@ def regime_claim(table: Table, pools: tuple[str, ...]) -> dict[str, Any] | None:
 def regime_rows(config: Any, table: Table) -> list[list[str]]:
     """Where each regime's images come from and how good they are against the model's own."""
     from snpo.toy.study import world_config
-    from snpo.toy.world import POOLS, load_or_make_pairs, load_or_pretrain_reference
+    from snpo.toy.world import GENERATORS, POOLS, load_or_make_pairs, load_or_pretrain_reference
 
     rows = []
     cache = Path(config.cache_dir) if config.cache_dir else None
     for pool in config.pools:
-        label_chosen, label_all, sources = [], [], defaultdict(list)
+        label_chosen, label_all, sources, by_generator = [], [], defaultdict(list), defaultdict(list)
         for w in config.world_seeds:
             world = world_config(config, w)
             _, ref_dir = load_or_pretrain_reference(world, cache, show_progress=False)
@@ -239,11 +239,17 @@ def regime_rows(config: Any, table: Table) -> list[list[str]]:
             label_all.append(float(pairs.label_scores.mean()))
             for k, v in pairs.source_report().items():
                 sources[k].append(v)
+            if pairs.sources is not None:
+                for i, g in enumerate(GENERATORS):
+                    mask = pairs.sources == i
+                    if mask.any():
+                        by_generator[g].append(float(pairs.label_scores[mask].mean()))
         sft = table.get(pool, "sft")
         sft_vs_ref = diff(sft, table.reference, "label") if sft else None
         share = ", ".join(f"{k.split('/')[1]} {100 * np.mean(v):.0f}%" for k, v in sources.items()
                           if k.startswith("images/") and np.mean(v) > 0)
-        rows.append([pool, share, f"{np.mean(label_all):.3f}", f"{np.mean(label_chosen):.3f}",
+        strength = ", ".join(f"{g} {np.mean(v):.3f}" for g, v in by_generator.items())
+        rows.append([pool, share, strength, f"{np.mean(label_all):.3f}", f"{np.mean(label_chosen):.3f}",
                      str(sft_vs_ref) if sft_vs_ref else "n/a"])
     return rows
 
@@ -305,8 +311,8 @@ def write_report(out: Path, config: Any, results: list[RunResult], setup: dict, 
            "and the chosen ones) on the training prompts; the on-policy regime's images ARE the reference's own "
            "samples. SFT - reference is the SFT row's paired difference on held-out prompts (label judge): "
            "positive means the data's images are worth imitating.\n",
-           markdown_table(["regime", "images from", "label judge, all pair images", "label judge, chosen",
-                           "SFT - reference (label) [95%]"], regime_rows(config, table)), ""]
+           markdown_table(["regime", "images from", "label judge by generator", "label judge, all pair images",
+                           "label judge, chosen", "SFT - reference (label) [95%]"], regime_rows(config, table)), ""]
 
     all_claims = []
     for pool in pools:

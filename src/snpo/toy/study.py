@@ -202,9 +202,10 @@ def train_and_evaluate(config: Any, world_seed: int, spec: RunSpec) -> str:
                  "trajectory": trajectory.points if trajectory else None})
     if spec.keep_model:
         from snpo.files import atomic_save_safetensors
+        from snpo.merging import effective_state_dict
 
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(model.state_dict(), folder / "model.safetensors")
+        folder.mkdir(parents=True, exist_ok=True)  # LoRA folded in: base + scale B A
+        atomic_save_safetensors(effective_state_dict(model), folder / "model.safetensors")
     networks = dict(model.items()) if isinstance(model, torch.nn.ModuleDict) else {"policy": model}
     if not set(get_method(spec.method).sampling_roles) <= set(networks):
         # a part of a method that samples with networks of other runs (Diff-NPO's NPO model):
@@ -246,7 +247,7 @@ def npo_rows(config: Any, world_seed: int, pool: str) -> list[str]:
     def load(spec: RunSpec) -> torch.nn.Module:
         net = copy.deepcopy(reference)
         net.load_state_dict(load_file(str(run_dir(out, world_seed, spec) / "model.safetensors")))
-        return net
+        return net.eval()
 
     positive, npo_model = load(dpo), load(npo)
     dpo_info = json.loads((run_dir(out, world_seed, dpo) / RESULT).read_text())

@@ -63,11 +63,14 @@ class PairPool:
 
 
 #: the regimes of the study. ``on-policy``: both images are the reference's own samples (the
-#: regime where a likelihood pull towards the data should hurt); ``pickapic-like``: images
-#: from generators weaker and stronger than the reference, as Pick-a-Pic's were.
+#: regime where a likelihood pull towards the data should hurt); ``pickapic-like``: most
+#: images from a stronger generator, the rest the reference's (Pick-a-Pic's came from several
+#: models, many stronger than SD1.5); ``mixed-strength``: weaker, equal and stronger
+#: generators in equal shares (its images average BELOW the reference's own: docs/toy.md).
 POOLS = {
     "on-policy": PairPool("on-policy", (("reference", 1.0),)),
-    "pickapic-like": PairPool("pickapic-like", (("reference", 1 / 3), ("strong", 1 / 3), ("weak", 1 / 3))),
+    "pickapic-like": PairPool("pickapic-like", (("reference", 1 / 3), ("strong", 2 / 3))),
+    "mixed-strength": PairPool("mixed-strength", (("reference", 1 / 3), ("strong", 1 / 3), ("weak", 1 / 3))),
 }
 
 
