@@ -3,6 +3,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.snpo-installed
+TSTAMP := $(VENV)/.snpo-test-installed
 
 .PHONY: demo test test-slow lint install clean
 
@@ -13,16 +14,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# the test extras, and DeepSpeed for its CPU-rank tests: its setup imports torch, so it is
+# built against the venv's torch (--no-build-isolation; in isolation pip would fetch another)
+$(TSTAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-build-isolation "deepspeed>=0.16"
+	touch $(TSTAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/snpo demo
 
-test: $(STAMP)
+test: $(TSTAMP)
 	$(VENV)/bin/ruff check src tests bench tools
 	$(PY) -m pytest -q -m "not slow"
 
-test-slow: $(STAMP)
+test-slow: $(TSTAMP)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)

@@ -51,6 +51,40 @@ def per_sample_mse(prediction: Tensor, target: Tensor) -> Tensor:
     return diff.pow(2).flatten(1).mean(dim=1)
 
 
+def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    return value
+
+
+def cast_module_io(module: nn.Module, dtype: torch.dtype) -> None:
+    """Run ``module`` (a frozen reference in bf16/fp16) on float32 callers: its floating
+    inputs are cast to ``dtype`` and its ``.sample`` (or first output) back to float32, so
+    it works with and without autocast. Installed once per module."""
+    if getattr(module, "_snpo_io_dtype", None) is not None:
+        module._snpo_io_dtype = dtype
+        return
+    module._snpo_io_dtype = dtype
+
+    def cast_inputs(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return _cast_floats(args, mod._snpo_io_dtype), _cast_floats(kwargs, mod._snpo_io_dtype)
+
+    def cast_output(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        if hasattr(out, "sample") and isinstance(out.sample, Tensor):
+            out.sample = out.sample.float()
+            return out
+        if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
+            return (out[0].float(), *out[1:])
+        return out.float() if isinstance(out, Tensor) else out
+
+    module.register_forward_pre_hook(cast_inputs, with_kwargs=True)
+    module.register_forward_hook(cast_output, with_kwargs=True)
+
+
 class Backbone(ABC):
     """A model family: encoders, denoiser, scheduler, null condition and reference."""
 
@@ -63,6 +97,11 @@ class Backbone(ABC):
     #: Opt-in speed options (TrainConfig fields), applied by ``prepare_for_training``.
     channels_last: bool = False
     torch_compile: bool = False
+    #: Memory options of a full fine-tune's frozen reference copy (TrainConfig
+    #: ``reference_dtype``, ``reference_offload``): its dtype (None: the frozen weights'), and
+    #: whether it lives on the CPU between its forwards.
+    reference_dtype: torch.dtype | None = None
+    reference_offload: bool = False
     #: Modules that get LoRA adapters (a family with another denoiser names its own).
     lora_target_modules: tuple[str, ...] = LORA_TARGET_MODULES
     #: Whether the family's sampler runs an unconditional (null) branch, i.e. whether
@@ -262,7 +301,11 @@ class Backbone(ABC):
         for module in self.frozen_modules().values():
             module.to(device, dtype=frozen_dtype) if frozen_dtype else module.to(device)
         if self._reference is not None:
-            self._reference.to(device, dtype=frozen_dtype) if frozen_dtype else self._reference.to(device)
+            dtype = self.reference_dtype or frozen_dtype
+            home = "cpu" if self.reference_offload else device
+            self._reference.to(home, dtype=dtype) if dtype else self._reference.to(home)
+            if dtype is not None and dtype != torch.float32:
+                cast_module_io(self._reference, dtype)
         return self
 
     # ---- training set-up and the reference -----------------------------------------
@@ -276,17 +319,8 @@ class Backbone(ABC):
             module.requires_grad_(False).eval()
         self.lora_rank = lora_rank
         if lora_rank > 0:
-            from peft import LoraConfig
-
             self.denoiser.requires_grad_(False)
-            self.denoiser.add_adapter(
-                LoraConfig(
-                    r=lora_rank,
-                    lora_alpha=lora_rank,
-                    init_lora_weights="gaussian",
-                    target_modules=list(self.lora_target_modules),
-                )
-            )
+            self.add_lora_adapter(self.denoiser)
             self._reference = None  # the same network with adapters disabled
         else:
             self._reference = copy.deepcopy(self.denoiser).requires_grad_(False).eval() if reference else None
@@ -296,6 +330,20 @@ class Backbone(ABC):
         self.denoiser.train()
         self.apply_speed_options()
         return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+    def add_lora_adapter(self, module: nn.Module) -> None:
+        """The run's LoRA adapters (``self.lora_rank``) on ``module`` (the denoiser, or a fresh
+        copy of it that a sharded run's gathered weights are loaded into)."""
+        from peft import LoraConfig
+
+        module.add_adapter(
+            LoraConfig(
+                r=self.lora_rank,
+                lora_alpha=self.lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=list(self.lora_target_modules),
+            )
+        )
 
     def apply_speed_options(self) -> None:
         """``channels_last``: NHWC weights (inputs are converted in :meth:`predict`);
@@ -315,7 +363,14 @@ class Backbone(ABC):
         """The frozen reference model, under no_grad: the frozen copy, or (LoRA) the same
         network with its adapters disabled for the duration of the block."""
         with torch.no_grad():
-            if self._reference is not None:
+            if self._reference is not None and self.reference_offload:
+                device = self.device  # the policy's device: the reference visits it for its forward
+                self._reference.to(device)
+                try:
+                    yield self._reference
+                finally:
+                    self._reference.to("cpu")
+            elif self._reference is not None:
                 yield self._reference
             elif self.lora_rank > 0:
                 self.denoiser.disable_adapters()

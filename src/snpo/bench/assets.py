@@ -9,6 +9,11 @@ training. Folders are built once per architecture under ``work_dir/models`` and 
   a 5-layer 32-wide CLIP text encoder).
 - ``sd15``: Stable Diffusion 1.5 (UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder 123M).
 - ``sdxl``: SDXL base (UNet 2.6B, two text encoders: CLIP ViT-L and OpenCLIP ViT-bigG, VAE).
+- ``sdxl-quarter``: SDXL's UNet layout (three levels, 1/2/10 transformer layers, text-time
+  conditioning, the same blocks, heads and attention pattern) with every width divided by 4
+  (channels 80/160/320, cross-attention 512; 1/16 of the weights: 0.17B), its two text
+  encoders as narrow, the SDXL VAE: the full-fine-tune memory benchmark on a 24 GB CPU machine,
+  where the real 2.6B UNet with AdamW and a reference copy (about 52 GB a process) cannot run.
 - ``sd3``: Stable Diffusion 3.5 Medium (MMDiT-X transformer 2.5B, 24 blocks, 13 with dual
   attention; CLIP ViT-L and OpenCLIP ViT-bigG with projections; the 16-channel VAE; the
   flow-matching scheduler with shift 3). WITHOUT T5-XXL (4.7B parameters, 19 GB in float32):
@@ -35,7 +40,7 @@ import torch
 
 from snpo.errors import ConfigError
 
-ARCHS = ("tiny", "sd15", "sdxl", "tiny-sd3", "sd3")
+ARCHS = ("tiny", "sd15", "sdxl", "sdxl-quarter", "tiny-sd3", "sd3")
 #: architectures trained as rectified flows (no reference-script configuration for them)
 FLOW_ARCHS = ("tiny-sd3", "sd3")
 ASSET_VERSION = 1
@@ -59,6 +64,7 @@ def _sd_text_config(tokenizer: Any, **overrides: Any):
 def _vae(arch: str):
     from diffusers import AutoencoderKL
 
+    arch = "sdxl" if arch == "sdxl-quarter" else arch
     if arch == "tiny":
         return AutoencoderKL(
             block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
@@ -169,20 +175,24 @@ def build_pipeline(arch: str, folder: Path, seed: int = 0) -> Path:
             feature_extractor=None, requires_safety_checker=False,
         )
     else:
+        w = 4 if arch == "sdxl-quarter" else 1  # every width / w (sdxl-quarter)
         unet = UNet2DConditionModel(
             sample_size=128, in_channels=4, out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(320, 640, 1280), layers_per_block=2,
+            block_out_channels=(320 // w, 640 // w, 1280 // w), layers_per_block=2,
             transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-            cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+            cross_attention_dim=2048 // w, use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=256 // w, projection_class_embeddings_input_dim=6 * (256 // w) + 1280 // w,
+            norm_num_groups=32 // (2 if w > 1 else 1),
         )
         text_2 = CLIPTextModelWithProjection(_sd_text_config(
-            tokenizer, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-            num_attention_heads=20, projection_dim=1280, hidden_act="gelu"))
+            tokenizer, hidden_size=1280 // w, intermediate_size=5120 // w, num_hidden_layers=32,
+            num_attention_heads=20, projection_dim=1280 // w, hidden_act="gelu"))
+        text = CLIPTextModel(_sd_text_config(tokenizer, hidden_size=768 // w, intermediate_size=3072 // w,
+                                             projection_dim=768 // w))
         pipe = StableDiffusionXLPipeline(
-            vae=_vae(arch), text_encoder=CLIPTextModel(_sd_text_config(tokenizer)),
+            vae=_vae(arch), text_encoder=text,
             text_encoder_2=text_2, tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
             scheduler=_scheduler(), force_zeros_for_empty_prompt=True,
         )

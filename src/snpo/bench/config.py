@@ -53,7 +53,25 @@ VARIANTS: dict[str, dict[str, Any]] = {
                   "about": "full fine-tune (lora_rank 0): frozen reference copy, AdamW over the whole UNet"},
     "snpo-full-forloop-adamw": {"method": "snpo", "lora_rank": 0, "optimizer": "forloop",
                                 "about": "full fine-tune with torch's for-loop AdamW (before fused)"},
+    # scale-out memory (not in the default plan; bench/cpu_sdxl_memory.sh): peak memory per process
+    "snpo-full-adafactor": {"method": "snpo", "lora_rank": 0, "optimizer_name": "adafactor",
+                            "about": "full fine-tune, one process, Adafactor (Diffusion-DPO's SDXL optimizer)"},
+    "snpo-full-adamw8bit": {"method": "snpo", "lora_rank": 0, "optimizer_name": "adamw8bit",
+                            "about": "full fine-tune, one process, 8-bit AdamW (bitsandbytes)"},
+    "full-ddp2": {"method": "snpo", "lora_rank": 0, "launch": "ddp",
+                  "about": "full fine-tune, 2 gloo processes, DDP (everything replicated), AdamW"},
+    "full-ddp2-adafactor": {"method": "snpo", "lora_rank": 0, "launch": "ddp", "optimizer_name": "adafactor",
+                            "about": "full fine-tune, 2 processes, DDP, Adafactor"},
+    "full-ddp2-bf16-reference": {"method": "snpo", "lora_rank": 0, "launch": "ddp", "reference_dtype": "bf16",
+                                 "about": "full fine-tune, 2 processes, DDP, AdamW, reference copy in bf16"},
+    "full-fsdp2": {"method": "snpo", "lora_rank": 0, "launch": "fsdp",
+                   "about": "full fine-tune, 2 gloo processes, FSDP2 (weights, gradients, AdamW states and the "
+                            "reference copy sharded)"},
+    "full-fsdp2-bf16-reference": {"method": "snpo", "lora_rank": 0, "launch": "fsdp", "reference_dtype": "bf16",
+                                  "about": "full fine-tune, 2 processes, FSDP2, AdamW, sharded bf16 reference"},
 }
+#: accelerate configs of the multi-process configurations (``launch``), in configs/accelerate/
+LAUNCH_CONFIGS = {"ddp": "cpu_2proc.yaml", "fsdp": "fsdp_cpu.yaml"}
 
 DEFAULT_PLAN = (
     "reference-script", "dpo-uncached", "dpo", "objectives", "snpo", "npo-negative", "chats",
@@ -88,7 +106,7 @@ def variant(name: str) -> dict[str, Any]:
 class BenchConfig:
     """``snpo bench``: pairs per second, peak memory and per-phase times per configuration."""
 
-    arch: str = "sd15"  # tiny | sd15 | sdxl | sd3 (SD3.5 Medium) | tiny-sd3: random-init copies of the real architectures
+    arch: str = "sd15"  # tiny | sd15 | sdxl | sdxl-quarter (SDXL's UNet at 1/4 width) | sd3 (SD3.5 Medium) | tiny-sd3: random-init copies of the real architectures
     compare_arch: str | None = None  # a second architecture measured in the same run at the same settings (e.g. sd15 next to sd3); its rows are named <arch>/<configuration>
     resolution: int = 128  # image side in pixels
     batch_size: int = 2  # pairs per step

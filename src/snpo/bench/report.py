@@ -49,6 +49,16 @@ def _entry(steps: list[dict[str, Any]], runs: list[dict[str, Any]], batch: int) 
         "flops_per_step": flops,
         "parameters": runs[0].get("parameters"),
         "store": runs[-1].get("store"),
+        # several processes (DDP / FSDP): each rank's peak, the largest over rounds
+        "peak_gib_per_rank": ([max(ps) / GiB for ps in zip(*per_rank)]
+                              if (per_rank := [r["memory"]["peak_bytes_per_rank"] for r in runs
+                                               if r["memory"].get("peak_bytes_per_rank")]) else None),
+        "processes": runs[0].get("processes", 1),
+        "live_gib": (max(lv) / GiB if (lv := [r["memory"]["live_bytes"] for r in runs
+                                               if r["memory"].get("live_bytes")]) else None),
+        "live_gib_per_rank": ([max(ps) / GiB for ps in zip(*live)]
+                              if (live := [r["memory"]["live_bytes_per_rank"] for r in runs
+                                           if r["memory"].get("live_bytes_per_rank")]) else None),
     }
 
 
@@ -250,6 +260,21 @@ def render_markdown(results: dict[str, Any]) -> str:
                          f"{_f(a['step_ratio'], '{:.2f}x')} | {_f(a.get('cpu_ratio'), '{:.2f}x')} | "
                          f"{_f(a.get('flops_ratio'), '{:.2f}x')} | {_f(a['peak_gib'])} | {_f(a['compare_peak_gib'])} | "
                          f"{_f(a['peak_ratio'], '{:.2f}x')} | {params} |")
+    ranked = {n: e for n, e in s["variants"].items() if e.get("peak_gib_per_rank")}
+    if ranked:
+        lines += ["", "Peak memory of every process (VmHWM of each rank; the largest is what each GPU must "
+                  "hold), full fine-tunes:", "",
+                  "| configuration | processes | peak GiB per process | live GiB per process (between steps) | "
+                  "trained parameters | reference copy parameters | step s |", "|---|---|---|---|---|---|---|"]
+        for name, e in s["variants"].items():
+            params = e.get("parameters") or {}
+            per = e.get("peak_gib_per_rank") or ([e["peak_gib"]] if e.get("peak_gib") else [])
+            live = e.get("live_gib_per_rank") or ([e["live_gib"]] if e.get("live_gib") else [])
+            lines.append(f"| {name} | {e.get('processes', 1)} | {' / '.join(f'{x:.2f}' for x in per)} | "
+                         f"{' / '.join(f'{x:.2f}' for x in live) or '-'} | "
+                         f"{_count(params['trainable']) if params.get('trainable') else '-'} | "
+                         f"{_count(params['reference_copy']) if params.get('reference_copy') else '-'} | "
+                         f"{e['step_s']:.2f} |")
     lines += ["", "| comparison | wall clock | CPU time | target / paper |", "|---|---|---|---|"]
     for h in s["headline"]:
         lines.append(f"| {h['what']} | {_f(h['ratio'], '{:.2f}x')} | "

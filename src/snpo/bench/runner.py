@@ -98,15 +98,30 @@ class Launcher:
         spec_path = self.folder / f"spec-{self.count:03d}-{label}.json"
         result_path = spec_path.with_name(spec_path.name.replace("spec-", "result-"))
         spec_path.write_text(json.dumps(spec, indent=1))
+        command = [sys.executable, "-m", "snpo.bench.worker", str(spec_path), str(result_path)]
+        if spec.get("launch"):  # several processes (DDP / FSDP over gloo ranks): every rank reports
+            from snpo.bench.config import LAUNCH_CONFIGS
+
+            config_file = Path(__file__).resolve().parents[3] / "configs" / "accelerate" / LAUNCH_CONFIGS[spec["launch"]]
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+                       "-m", "snpo.bench.worker", str(spec_path), str(result_path)]
         try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "snpo.bench.worker", str(spec_path), str(result_path)],
-                env=self.env(), capture_output=True, text=True, timeout=self.config.timeout_s,
-            )
+            proc = subprocess.run(command, env=self.env(), capture_output=True, text=True,
+                                  timeout=self.config.timeout_s)
         except subprocess.TimeoutExpired:
             return {"ok": False, "name": spec.get("name"), "error": f"timed out after {self.config.timeout_s} s"}
         if result_path.is_file():
-            return json.loads(result_path.read_text())
+            result = json.loads(result_path.read_text())
+            ranks = sorted(result_path.parent.glob(result_path.name + ".rank*"))
+            if ranks and result.get("ok"):  # peak memory of every process; the largest is the one that must fit
+                peaks = [result["memory"].get("peak_bytes")] + [
+                    json.loads(r.read_text())["memory"].get("peak_bytes") for r in ranks]
+                result["memory"]["peak_bytes_per_rank"] = peaks
+                result["memory"]["peak_bytes"] = max(p for p in peaks if p)
+                result["memory"]["live_bytes_per_rank"] = [result["memory"].get("live_bytes")] + [
+                    json.loads(r.read_text())["memory"].get("live_bytes") for r in ranks]
+                result["processes"] = len(peaks)
+            return result
         return {"ok": False, "name": spec.get("name"),
                 "error": f"worker exited with {proc.returncode}: {proc.stderr[-2000:]}"}
 
@@ -131,7 +146,7 @@ def variant_spec(name: str, config: BenchConfig, assets: dict[str, Any], out: Pa
         "count_flops": config.count_flops,
     }
     for key in ("objectives", "method", "cached", "attention", "channels_last",
-                "torch_compile", "optimizer", "safeguard"):
+                "torch_compile", "optimizer", "safeguard", "launch", "optimizer_name", "reference_dtype"):
         if key in v:
             spec[key] = v[key]
     if "store" in v:

@@ -14,8 +14,10 @@
 - Peak memory. CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats()``
   at the start of the first step. CPU: the process's resident-set high-water mark
   (``VmHWM``), reset at the start of the first step by writing ``5`` to
-  ``/proc/self/clear_refs``; each configuration runs in its own process, so the number is that
-  configuration's peak (weights, activations, gradients, optimizer state, allocator slack).
+  ``/proc/self/clear_refs`` (after ``malloc_trim`` returns set-up memory already freed); each configuration runs in its own process, so the number is that
+  configuration's peak (weights, activations, gradients, optimizer state, allocator slack);
+  ``live_bytes`` is the resident set after the last step once freed heap is returned
+  (weights, optimizer state, the reference copy: what persists between steps).
   Where ``clear_refs`` is not writable, ``ru_maxrss`` (process-wide, monotone) is reported
   and flagged.
 - FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one whole step (the first
@@ -50,8 +52,23 @@ def _read_status(field: str) -> int | None:
     return None
 
 
+def _release_free_heap() -> None:
+    """Hand memory freed during set-up back to the OS (glibc ``malloc_trim``), so the
+    resident set counts live memory only: without it, the full weights a sharded run freed
+    after sharding stay resident and hide what sharding saves."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: freed set-up memory may count
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def reset_cpu_peak() -> bool:
-    """Reset the resident-set high-water mark (Linux >= 4.0); False when not possible."""
+    """Reset the resident-set high-water mark (Linux >= 4.0) after releasing freed heap
+    memory; False when not possible."""
+    _release_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -198,6 +215,10 @@ class PhaseTimer:
             if hwm is None or not self.memory.get("method", "").startswith("VmHWM"):
                 hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             self.memory["peak_bytes"] = hwm
+            # between steps (freed heap returned): weights, optimizer state, reference copy;
+            # the part sharding divides, without the CPU allocator's transients of the step
+            _release_free_heap()
+            self.memory["live_bytes"] = _read_status("VmRSS")
         return {"steps": self.steps, "memory": self.memory}
 
 

@@ -134,7 +134,8 @@ def bench_train_config(spec: dict[str, Any]) -> Any:
         mixed_precision=spec["mixed_precision"], checkpointing_steps=0, report_to="none",
         seed=spec["seed"], channels_last=spec.get("channels_last", False),
         torch_compile=spec.get("torch_compile", False),
-        adam_implementation=spec.get("optimizer", "fused"),
+        adam_implementation=spec.get("optimizer", "fused"), optimizer=spec.get("optimizer_name", "adamw"),
+        reference_dtype=spec.get("reference_dtype", "auto"),
         precompute_reference=bool(store_dir), reference_errors_dir=store_dir, **optional,
     )
 
@@ -360,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
     result = run_spec(spec)
-    Path(argv[1]).write_text(json.dumps(result, indent=1, default=str))
+    rank = int(os.environ.get("RANK", "0"))  # several processes (spec "launch"): one file per rank
+    out = Path(argv[1]) if rank == 0 else Path(f"{argv[1]}.rank{rank}")
+    out.write_text(json.dumps(result, indent=1, default=str))
     return 0 if result["ok"] else 1
 
 

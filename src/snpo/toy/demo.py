@@ -62,8 +62,8 @@ class DemoConfig:
     # alignment (the same for every method)
     train_steps: int = 300  # optimizer steps of every method
     batch_size: int = 16  # pairs per step
-    learning_rate: float = 1e-5  # chosen on DPO alone by the rule in docs/toy.md (docs/toy/calibration.md)
-    beta: float = 200.0  # chosen on DPO alone by the rule in docs/toy.md (docs/toy/calibration.md)
+    learning_rate: float = 3e-5  # chosen on DPO alone by the rule in docs/toy.md (docs/toy/calibration.md)
+    beta: float = 1000.0  # chosen on DPO alone by the rule in docs/toy.md (docs/toy/calibration.md)
     mix_lambda: float = 0.9  # lambda of bdpo and snpo
     cfg_dropout: float = 0.2  # p of every single-network method (null-branch share), as the Diffusion-DPO code
     methods: tuple[str, ...] = ("sft", "dpo", "bdpo", "snpo-naive", "snpo")  # single-network methods, in every regime

@@ -24,8 +24,11 @@ Trust. Nothing here is unpickled, ever: tensors go to safetensors, everything el
 hyper-parameters, schedule counters, RNG states) to JSON, with a tagged encoding that keeps
 tuples, integer dict keys and numpy arrays exact (``encode_state``/``decode_state``). Files
 that a checkpoint folder may also contain (``*.bin``, ``*.pkl``, ``*.pt``) are never opened.
-Under FSDP and DeepSpeed the sharded states are written by ``accelerator.save_state`` instead
-(``format: accelerate``) and read back by accelerate, which uses ``torch.load(weights_only=True)``.
+Under FSDP (FSDP2) the same files hold FULL state dicts gathered to the main process on the
+CPU (the optimizer state keyed by parameter name; ``engine: fsdp`` in ``trainer_state.json``),
+read back by the main process and broadcast shard by shard. Under DeepSpeed the engine's
+partitioned states are written by ``accelerator.save_state`` instead (``format: accelerate``)
+and read back by accelerate, which uses ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -237,6 +240,11 @@ def save_object(path: Path, obj: Any) -> None:
     """One state object -> one safetensors file (tensors + the rest as JSON metadata)."""
     tensors: dict[str, Tensor] = {}
     encoded = encode_state(obj, tensors)
+    seen: set[int] = set()
+    for name, tensor in tensors.items():  # one tensor in several places (bitsandbytes' qmaps): copies
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in seen:
+            tensors[name] = tensor.clone()
+        seen.add(tensors[name].untyped_storage().data_ptr())
     save_file(tensors, str(path), metadata={STATE_KEY: json.dumps(encoded)})
 
 
@@ -343,9 +351,91 @@ def load_extra(folder: Path, rank: int, states: list[Any]) -> None:
 
 # ---- whole training states -----------------------------------------------------------------
 def _sharded(accelerator: Any) -> bool:
+    """DeepSpeed: its engine's states are written by ``accelerator.save_state``."""
     from accelerate.utils import DistributedType
 
-    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _fsdp(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def engine_name(accelerator: Any) -> str:
+    """``fsdp``, ``deepspeed`` or ``ddp`` (one process too): the layout of a checkpoint's
+    optimizer state (FSDP: by parameter name), recorded in ``trainer_state.json``."""
+    return "fsdp" if _fsdp(accelerator) else "deepspeed" if _sharded(accelerator) else "ddp"
+
+
+def _inner_optimizer(optimizer: Any) -> Any:
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+
+
+def _fsdp_options(**kwargs: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def save_fsdp_states(folder: Path, accelerator: Any, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
+    """FSDP2: the trained tensors and the optimizer state as FULL state dicts (keyed by
+    parameter name), gathered to the main process only and on the CPU (``cpu_offload``), so
+    no process ever holds a second full copy on its device; written as safetensors like a
+    DDP checkpoint. Every process must call it (the gathers are collective)."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = _fsdp_options(cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = get_optimizer_state_dict(model, _inner_optimizer(optimizer), options=options)
+    if not accelerator.is_main_process:
+        return
+    keep = {name for name, p in model.named_parameters() if p.requires_grad}
+    keep |= {name for name, _ in model.named_buffers()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items() if k in keep}
+    save_file(tensors, str(folder / MODEL_FILE), metadata={"format": "pt", "layout": "fsdp-full"})
+    save_object(folder / OPTIMIZER_FILE, optim_state)
+    save_object(folder / SCHEDULER_FILE, scheduler.state_dict())
+    if accelerator.scaler is not None:
+        save_object(folder / SCALER_FILE, accelerator.scaler.state_dict())
+
+
+def load_fsdp_states(folder: Path, accelerator: Any, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
+    """The inverse of :func:`save_fsdp_states`: the main process reads the files and
+    broadcasts them, each process keeping its own shards (``broadcast_from_rank0``)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    main = accelerator.is_main_process
+    problem = [None]
+    model_state: dict[str, Tensor] = {}
+    if main:
+        try:
+            model_state = load_file(str(folder / MODEL_FILE))
+            expected = {name for name, p in model.named_parameters() if p.requires_grad}
+            missing = sorted(expected - set(model_state))
+            if missing:
+                problem[0] = f"{folder / MODEL_FILE} does not match this model ({len(missing)} missing, e.g. {missing[0]})"
+        except Exception as exc:  # every process must hear of it, or the others wait forever
+            problem[0] = f"{folder / MODEL_FILE} cannot be loaded ({type(exc).__name__}: {exc})"
+    if dist.is_initialized():
+        dist.broadcast_object_list(problem, src=0)  # a message between ranks, not a file
+    if problem[0]:
+        raise CheckpointError(f"resume_from_checkpoint: {problem[0]}")
+    set_model_state_dict(model, model_state, options=_fsdp_options(broadcast_from_rank0=True, strict=False))
+    optim_state = load_object(folder / OPTIMIZER_FILE) if main else {}
+    set_optimizer_state_dict(model, _inner_optimizer(optimizer), optim_state,
+                             options=_fsdp_options(broadcast_from_rank0=True))
+    scheduler.load_state_dict(load_object(folder / SCHEDULER_FILE))
+    if accelerator.scaler is not None and (folder / SCALER_FILE).is_file():
+        accelerator.scaler.load_state_dict(load_object(folder / SCALER_FILE))
 
 
 def save_training_files(
@@ -358,9 +448,13 @@ def save_training_files(
     process; each process writes its own RNG and helper states)."""
     rank = accelerator.process_index
     if _sharded(accelerator):
-        # sharded weights and optimizer states: only accelerate knows how to gather them
+        # DeepSpeed's partitioned states: only accelerate (and the engine) know how to gather them
         accelerator.save_state(str(folder), safe_serialization=True)
         fmt = ACCELERATE_FORMAT
+    elif _fsdp(accelerator):
+        save_fsdp_states(folder, accelerator, model, optimizer, scheduler)
+        save_object(folder / rng_file(rank), rng_state())
+        fmt = FORMAT
     else:
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
@@ -384,20 +478,29 @@ def load_training_files(
     if fmt == ACCELERATE_FORMAT:
         if not _sharded(accelerator):
             raise CheckpointError(
-                f"resume_from_checkpoint: {folder} was written under FSDP/DeepSpeed; resume it with the same launcher"
+                f"resume_from_checkpoint: {folder} was written under DeepSpeed; resume it with the same launcher"
             )
         accelerator.load_state(str(folder))  # accelerate reads with torch.load(weights_only=True)
     elif fmt == FORMAT:
         if _sharded(accelerator):
             raise CheckpointError(
-                f"resume_from_checkpoint: {folder} was written without FSDP/DeepSpeed; resume it the same way"
+                f"resume_from_checkpoint: {folder} was written without DeepSpeed; resume it the same way"
+            )
+        written = state.get("engine", "ddp")
+        if (written == "fsdp") != _fsdp(accelerator):
+            raise CheckpointError(
+                f"resume_from_checkpoint: {folder} was written under {written}, this run is "
+                f"{engine_name(accelerator)}; resume it with the same launcher and accelerate config"
             )
         try:
-            load_trained_tensors(accelerator.unwrap_model(model), folder / MODEL_FILE, trainable)
-            optimizer.load_state_dict(load_object(folder / OPTIMIZER_FILE))
-            scheduler.load_state_dict(load_object(folder / SCHEDULER_FILE))
-            if accelerator.scaler is not None and (folder / SCALER_FILE).is_file():
-                accelerator.scaler.load_state_dict(load_object(folder / SCALER_FILE))
+            if _fsdp(accelerator):
+                load_fsdp_states(folder, accelerator, model, optimizer, scheduler)
+            else:
+                load_trained_tensors(accelerator.unwrap_model(model), folder / MODEL_FILE, trainable)
+                optimizer.load_state_dict(load_object(folder / OPTIMIZER_FILE))
+                scheduler.load_state_dict(load_object(folder / SCHEDULER_FILE))
+                if accelerator.scaler is not None and (folder / SCALER_FILE).is_file():
+                    accelerator.scaler.load_state_dict(load_object(folder / SCALER_FILE))
             rng = folder / rng_file(accelerator.process_index)
             if rng.is_file():
                 set_rng_state(load_object(rng))

@@ -21,6 +21,8 @@ LR_SCHEDULERS = (
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "none", "all")
 ADAM_IMPLEMENTATIONS = ("fused", "foreach", "forloop")
+OPTIMIZERS = ("adamw", "adafactor", "adamw8bit")
+REFERENCE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 #: what ``method: single`` (the old spelling: one network, trained with ``objective``) meant
 #: when no objective was given
 OLD_DEFAULT_OBJECTIVE = "snpo"
@@ -90,6 +92,11 @@ class TrainConfig:
     upcast_vae: bool | None = None  # VAE in float32 under mixed precision; null = the family's rule
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     allow_tf32: bool = False  # TF32 matmuls on Ampere+ GPUs
+
+    # memory: optimizers, reference placement
+    optimizer: str = "adamw"  # adamw (kernel: adam_implementation) | adafactor (no moments; Diffusion-DPO's SDXL choice) | adamw8bit (bitsandbytes: both moments in 8 bits)
+    reference_dtype: str = "auto"  # full fine-tune: the frozen reference copy in auto (the frozen weights' dtype) | fp32 | bf16 | fp16
+    reference_offload: bool = False  # full fine-tune: keep the reference copy on the CPU, moved to the device for its forward only
 
     # flow-matching models (SD3 / FLUX)
     weighting_scheme: str = "logit_normal"  # sigma sampling: logit_normal | mode | uniform (none = uniform), as diffusers' flow scripts
@@ -216,6 +223,8 @@ class TrainConfig:
             raise ConfigError(f"max_train_samples: expected an integer >= 1 or null, got {self.max_train_samples!r}")
         for name, value, allowed in [
             ("adam_implementation", self.adam_implementation, ADAM_IMPLEMENTATIONS),
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("reference_dtype", self.reference_dtype, REFERENCE_DTYPES),
             ("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS),
             ("mixed_precision", self.mixed_precision, MIXED_PRECISION),
             ("report_to", self.report_to, REPORT_TO),
@@ -223,6 +232,10 @@ class TrainConfig:
         ]:
             if value not in allowed:
                 raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+        if self.lora_rank > 0 and (self.reference_dtype != "auto" or self.reference_offload):
+            name = "reference_dtype" if self.reference_dtype != "auto" else "reference_offload"
+            raise ConfigError(f"{name}: applies to a full fine-tune's reference copy (lora_rank 0); with LoRA "
+                              f"the reference is the same network with its adapters off, got lora_rank {self.lora_rank}")
         from snpo.training.hub import check_hub_config
         from snpo.training.validation import check_validation_config
 

@@ -25,9 +25,11 @@ from snpo.backbones import (
     load_backbone,
     resolve_model_path,
 )
+from snpo.dtypes import torch_dtype
 from snpo.methods import BuiltMethod, check_sampler_fits, get_method
 from snpo.training.config import TrainConfig
 from snpo.training.data import TrainingData, training_data
+from snpo.training.engines import check_engine
 from snpo.training.model_card import write_model_card
 from snpo.training.trainer import Callback, Trainer
 from snpo.training.watch import RunWatch
@@ -80,6 +82,9 @@ def build_method(config: TrainConfig, backbone: Backbone) -> BuiltMethod:
     check_sampler_fits(spec, config, has_null_branch=backbone.has_null_branch, family=backbone.family)
     backbone.channels_last = config.channels_last
     backbone.torch_compile = config.torch_compile
+    # memory options of a full fine-tune's reference copy (applied by Backbone.to)
+    backbone.reference_dtype = None if config.reference_dtype == "auto" else torch_dtype(config.reference_dtype)
+    backbone.reference_offload = config.reference_offload
     built = spec.build(config, backbone)
     if config.precompute_reference:
         from snpo.training.reference_errors import open_reference_store
@@ -101,6 +106,8 @@ def build_job(
 ) -> TrainingJob:
     """Data, backbone, method and trainer of ``config`` (each may be given instead)."""
     config.validate()
+    # the launcher's engine (DDP, FSDP, DeepSpeed) against the config: one line, before the data and model
+    check_engine(config)
     watch = RunWatch(config)  # validation images, curves, hub: a bad prompt file stops here
     if data is None:
         family = backbone.family if backbone is not None else detect_family(

@@ -31,12 +31,14 @@ from snpo.training.config import TrainConfig
 from snpo.training.data import say, scan_source
 from snpo.training.fingerprints import RESAMPLE, cache_fingerprint_for, resume_fingerprint
 from snpo.training.job import build_job, load_job_backbone
+from snpo.training.optimizers import check_optimizer_available
 from snpo.training.trainer import TrainResult, cpu_only_launch
 
 
 def check_optional_packages(config: TrainConfig) -> None:
     if config.report_to in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
         raise ConfigError("report_to: wandb is not installed (pip install 'snpo[wandb]')")
+    check_optimizer_available(config)
 
 
 def preflight(config: TrainConfig) -> None:

@@ -45,11 +45,17 @@ from snpo.methods.draws import pair_seed
 from snpo.methods.registry import Method
 from snpo.training import checkpoint as ckpt
 from snpo.training.config import TrainConfig
+from snpo.training.engines import (
+    check_engine,
+    expected_distributed_type,
+    fill_engine_env,
+    promoted_accelerator,
+    shard_like_policy,
+)
 from snpo.training.fingerprints import resume_fingerprint
+from snpo.training.optimizers import make_optimizer
 
 PROGRESS_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "logratio/chosen")
-ADAM_FLAGS = {"fused": {"fused": True}, "foreach": {"foreach": True},
-              "forloop": {"foreach": False, "fused": False}}
 
 
 class NonFiniteError(UserError, RuntimeError):
@@ -208,20 +214,31 @@ class Trainer:
 
     # ---- set-up --------------------------------------------------------------------------
     def _make_accelerator(self) -> Accelerator:
+        """The run's accelerator, for the engine the launcher asked for (``engines``): its
+        accumulation and clipping checked against the config (one line), an ``auto``
+        DeepSpeed value filled from it; FSDP and DeepSpeed on CPU ranks too."""
         c = self.config
+        engine = check_engine(c)
+        fill_engine_env(c, engine)
+        self.engine = engine
         # a new run in the same process may change the precision: reset the per-run state
         # (the process group of a multi-process run, PartialState, is kept)
         AcceleratorState._reset_state()
         log_with = None
         if self.write_logs and c.report_to != "none":
             log_with = ["tensorboard", "wandb"] if c.report_to == "all" else [c.report_to]
-        return Accelerator(
-            cpu=cpu_only_launch(),
-            gradient_accumulation_steps=c.gradient_accumulation_steps,
-            mixed_precision=c.mixed_precision,
-            log_with=log_with,
-            project_dir=c.output_dir,
-        )
+        kwargs = dict(gradient_accumulation_steps=c.gradient_accumulation_steps, mixed_precision=c.mixed_precision,
+                      log_with=log_with, project_dir=c.output_dir)
+        if engine.sharded and cpu_only_launch():
+            accelerator = promoted_accelerator(**kwargs)
+        else:
+            accelerator = Accelerator(cpu=cpu_only_launch(), **kwargs)
+        wanted = expected_distributed_type(engine)
+        if wanted is not None and accelerator.distributed_type != wanted:
+            # accelerate falls back to DDP without a word (e.g. FSDP with Accelerator(cpu=True))
+            raise RuntimeError(f"launched for {engine.kind} but accelerate set up {accelerator.distributed_type}; "
+                               "check the launcher and accelerate config")
+        return accelerator
 
     def learning_rate(self, world: int) -> float:
         """``learning_rate``, times per-device batch x accumulation x processes with ``scale_lr``
@@ -232,15 +249,8 @@ class Trainer:
         return c.learning_rate * c.per_device_train_batch_size * c.gradient_accumulation_steps * world
 
     def _make_optimizer(self, params: list[nn.Parameter], world: int) -> torch.optim.Optimizer:
-        c = self.config
-        kwargs: dict[str, Any] = dict(lr=self.learning_rate(world), betas=(c.adam_beta1, c.adam_beta2),
-                                      weight_decay=c.adam_weight_decay, eps=c.adam_epsilon)
-        # fused AdamW: 5x faster than the for-loop one on CPU for LoRA, 3.6x for a full UNet
-        # (BENCHMARKS.md); devices without a fused kernel take the default implementation
-        try:
-            return torch.optim.AdamW(params, **ADAM_FLAGS[c.adam_implementation], **kwargs)
-        except (RuntimeError, ValueError):
-            return torch.optim.AdamW(params, **kwargs)
+        """``optimizer``: AdamW (``adam_implementation``), Adafactor or 8-bit AdamW."""
+        return make_optimizer(self.config, params, self.learning_rate(world))
 
     def _prepare(self) -> _Run:
         """Accelerator, trainable parameters, optimizer, schedule, data loader and resume."""
@@ -289,12 +299,16 @@ class Trainer:
             collate_fn=self.collate_fn, drop_last=True, num_workers=c.dataloader_num_workers,
             generator=torch.Generator().manual_seed(c.seed),
         )
-        if accelerator.distributed_type == DistributedType.FSDP and c.lora_rank > 0:
-            raise ConfigError("lora_rank: FSDP shards full fine-tunes (lora_rank 0); train LoRA with DDP "
-                              "(configs/accelerate/multi_gpu.yaml)")
         model, optimizer, dataloader, lr_scheduler = accelerator.prepare(
             self.model, optimizer, dataloader, lr_scheduler
         )
+        if accelerator.distributed_type == DistributedType.FSDP:
+            # FSDP2 replaced the module's parameters by sharded ones (the optimizer's too):
+            # clipping, checks and checkpoints must see those
+            params = [p for p in model.parameters() if p.requires_grad]
+            reference = getattr(self.backbone, "_reference", None)
+            if reference is not None:  # a full fine-tune's frozen copy: sharded like the policy
+                shard_like_policy(accelerator, reference)
         if len(dataloader) == 0:
             raise ConfigError(
                 f"per_device_train_batch_size: {c.per_device_train_batch_size} x {world} processes "
@@ -375,16 +389,23 @@ class Trainer:
                                          "data": self.data_report() if self.data_report else None})
 
     def _gathered_model(self, accelerator: Accelerator, model: nn.Module) -> nn.Module:
-        """The trained denoiser with full weights on the main process. Under FSDP the
-        parameters are sharded: gather a full state dict (every process takes part) into a
-        fresh copy built from the model's config."""
+        """The trained denoiser with full weights on the main process. Under FSDP (and
+        DeepSpeed ZeRO-3) the parameters are sharded: every process takes part in gathering
+        a full state dict, which only the main process receives, on the CPU (FSDP2:
+        ``full_state_dict`` + ``cpu_offload``, so no process holds a second full copy on its
+        device), loaded into a fresh copy built from the model's config (with the run's LoRA
+        adapters, whose weights the state dict holds)."""
         unwrapped = accelerator.unwrap_model(model)
-        if accelerator.distributed_type != DistributedType.FSDP:
+        zero3 = (accelerator.distributed_type == DistributedType.DEEPSPEED
+                 and getattr(self, "engine", None) is not None and self.engine.zero_stage == 3)
+        if accelerator.distributed_type != DistributedType.FSDP and not zero3:
             return unwrapped
         state = accelerator.get_state_dict(model)
         if not accelerator.is_main_process:
             return unwrapped
         full = type(unwrapped).from_config(unwrapped.config)
+        if self.backbone.lora_rank > 0:
+            self.backbone.add_lora_adapter(full)
         full.load_state_dict(state)
         return full
 
@@ -413,7 +434,8 @@ class Trainer:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = {"format": fmt, "global_step": step, "fingerprint": self._fingerprint(),
-                     "num_processes": accelerator.num_processes, **self._counters}
+                     "num_processes": accelerator.num_processes, "engine": ckpt.engine_name(accelerator),
+                     **self._counters}
             ckpt.finish_checkpoint(root, tmp, step, state, self.config.checkpoints_total_limit)
         accelerator.wait_for_everyone()
         self._emit("on_checkpoint", step, root / f"checkpoint-{step}")
@@ -630,6 +652,11 @@ class Trainer:
 
     def _clip(self, accelerator: Accelerator, params: list[nn.Parameter]) -> float | None:
         c = self.config
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # the engine has clipped (at gradient_clipping = max_grad_norm, engines.check_engine)
+            # and stepped inside accelerator.backward; accelerate returns its global norm
+            norm = accelerator.clip_grad_norm_(params, c.max_grad_norm or 1.0)
+            return None if norm is None else float(norm)
         if c.max_grad_norm > 0:
             norm = accelerator.clip_grad_norm_(params, c.max_grad_norm)
             return None if norm is None else float(norm)  # None: DeepSpeed clips inside its engine
