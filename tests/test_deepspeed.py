@@ -113,3 +113,29 @@ def test_resume_from_a_deepspeed_checkpoint_is_bitwise_identical(world):
     stdout = launch([*launcher(2), *train_args(model, data, out, **FULL), "--resume_from_checkpoint", "latest"])
     assert "at step 2" in stdout
     compare(straight, out, UNET, exact=True)
+
+
+class Planted:
+    """A class a malicious checkpoint would make the unpickler build (and run code)."""
+
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def test_deepspeed_checkpoint_files_are_read_weights_only_during_a_resume(tmp_path):
+    """DeepSpeed's own loader unpickles anything (``weights_only=False``); inside snpo's
+    resume it reads tensors and plain containers only, and is restored afterwards."""
+    import pickle
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    tensors, planted = tmp_path / "ok.pt", tmp_path / "planted.pt"
+    torch.save({"step": 3, "w": torch.ones(2)}, tensors)
+    torch.save({"x": Planted()}, planted)
+    engine = TorchCheckpointEngine.__new__(TorchCheckpointEngine)
+    original = TorchCheckpointEngine.load
+    with ckpt.deepspeed_loads_weights_only():
+        assert torch.equal(engine.load(str(tensors))["w"], torch.ones(2))
+        with pytest.raises(pickle.UnpicklingError):
+            engine.load(str(planted))
+    assert TorchCheckpointEngine.load is original

@@ -40,7 +40,8 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -350,6 +351,37 @@ def load_extra(folder: Path, rank: int, states: list[Any]) -> None:
 
 
 # ---- whole training states -----------------------------------------------------------------
+@contextmanager
+def deepspeed_loads_weights_only() -> Iterator[None]:
+    """DeepSpeed's checkpoint engine reads its partition files with
+    ``torch.load(weights_only=False)`` (deepspeed 0.19, ``TorchCheckpointEngine.load``), which
+    would unpickle whatever a checkpoint folder holds; for the duration of a resume it reads
+    them with ``weights_only=True`` (tensors and plain containers only)."""
+    try:
+        from deepspeed.runtime.checkpoint_engine import torch_checkpoint_engine as engine
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        yield
+        return
+    original = engine.TorchCheckpointEngine.load
+    # the only classes DeepSpeed's optimizer states hold (found with
+    # torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-2/3 checkpoints): plain
+    # data, allowed by name; anything else stops the resume
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    def load(self: Any, path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.TorchCheckpointEngine.load = load
+    try:
+        yield
+    finally:
+        engine.TorchCheckpointEngine.load = original
+
+
 def _sharded(accelerator: Any) -> bool:
     """DeepSpeed: its engine's states are written by ``accelerator.save_state``."""
     from accelerate.utils import DistributedType
@@ -480,7 +512,8 @@ def load_training_files(
             raise CheckpointError(
                 f"resume_from_checkpoint: {folder} was written under DeepSpeed; resume it with the same launcher"
             )
-        accelerator.load_state(str(folder))  # accelerate reads with torch.load(weights_only=True)
+        with deepspeed_loads_weights_only():
+            accelerator.load_state(str(folder))  # accelerate reads with torch.load(weights_only=True)
     elif fmt == FORMAT:
         if _sharded(accelerator):
             raise CheckpointError(
